@@ -1,0 +1,33 @@
+# Two commands for a newcomer: `make demo` (the default job, offline) and `make test`.
+# Both create the virtual environment and install everything first: torch==2.13.0 *before* the package, so that
+# no dependency can pull a multi-GB CUDA build of torch.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-all lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/orpo-distill demo $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow and not integration and not vllm" $(PYTEST_ARGS)
+
+test-all: setup
+	RUN_SLOW=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

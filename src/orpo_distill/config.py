@@ -1,0 +1,324 @@
+"""The typed configuration of a whole run: every default once, with the paper's values.
+
+One YAML file describes a run (task and data, teacher, student, sampling, pairing, negative policy, objective,
+optimisation, evaluation, output). `load_config` reads it, applies dotted command-line overrides
+(`trainer.lr=1e-5`), and validates everything at load time: an unknown key, a wrong type or an out-of-range value
+raises `ConfigError` naming the file, the dotted key and what is allowed. Defaults that come from ORPO-Distill
+(arXiv 2509.25100) are marked "paper"; choices the paper leaves open are marked "ours" (see ../shared/METHOD.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+VARIANTS = ("zero_shot", "sft_single", "sft_diverse", "orpo_teacher_neg", "orpo_off", "orpo_on", "orpo_mixed")
+Variant = Literal["zero_shot", "sft_single", "sft_diverse", "orpo_teacher_neg", "orpo_off", "orpo_on", "orpo_mixed"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSplit(_Section):
+    """Where one split's rows come from: a local file/folder or a hub dataset name."""
+
+    path: str | None = Field(None, description="JSONL/JSON/CSV/Parquet file, `save_to_disk` folder, or hub dataset name")
+    split: str | None = Field(None, description="split name inside a hub dataset or `save_to_disk` DatasetDict")
+    limit: int | None = Field(None, ge=1, description="keep at most this many rows")
+    sample_seed: int | None = Field(None, description="with `limit`: a seeded random sample instead of the first N")
+
+
+class TaskConfig(_Section):
+    """Which task: a built-in one (`gsm8k`, `medqa`, ...) or a generic kind over your own fields."""
+
+    name: str = Field("synthetic", description="built-in task name, or a free name for a generic `kind`")
+    kind: Literal["auto", "multiple_choice", "numeric", "yes_no", "exact", "custom"] = Field(
+        "auto", description="grading kind; `auto` takes the built-in task's kind")
+    train: DataSplit = Field(default_factory=DataSplit)
+    validation: DataSplit = Field(default_factory=DataSplit)
+    test: DataSplit = Field(default_factory=DataSplit)
+    fields: dict[str, str] = Field(default_factory=dict,
+                                   description="map of our field names (question, options, answer, id, rationale) to yours")
+    grader: str | None = Field(None, description="`module:function` grading a completion, for kind=custom")
+    skip_invalid: bool = Field(False, description="skip malformed rows (and report them) instead of failing")
+    synthetic: dict[str, Any] = Field(default_factory=dict, description="options of the synthetic task generator")
+
+
+class ModelConfig(_Section):
+    """A model that generates text (the teacher) or is trained (the student)."""
+
+    model: str = Field("", description="hub id or local path (for backend=openai: the served model name)")
+    revision: str | None = Field(None, description="hub revision / commit; recorded with every trace")
+    gguf_file: str | None = Field(None, description="load weights from this GGUF file inside `model` (needs `gguf`)")
+    backend: Literal["hf", "openai", "vllm"] = Field("hf", description="how it generates text")
+    template: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="prompt format: the model's own chat template, or a plain one for base models")
+    system_prompt: str | None = Field(None, description="optional system message for chat templates")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:1`, ...")
+    trust_remote_code: bool = Field(False, description="never on unless you ask for it")
+    batch_size: int = Field(32, ge=1, description="prompts per generation batch (hf backend halves it on OOM)")
+    # OpenAI-compatible HTTP backend
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API key")
+    endpoint: Literal["chat", "completions"] = "chat"
+    concurrency: int = Field(8, ge=1)
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    cost_per_1k_input: float = Field(0.0, ge=0, description="USD per 1000 prompt tokens, for cost accounting")
+    cost_per_1k_output: float = Field(0.0, ge=0, description="USD per 1000 completion tokens")
+    # vLLM offline engine
+    vllm_args: dict[str, Any] = Field(default_factory=dict, description="extra `vllm.LLM(...)` arguments")
+
+    @model_validator(mode="after")
+    def _no_inline_secret(self) -> ModelConfig:
+        for k in ("base_url", "model"):
+            v = getattr(self, k) or ""
+            if "sk-" in v and "@" in v:
+                raise ValueError(f"{k} looks like it embeds an API key; put the key in an environment variable "
+                                 "and name that variable in api_key_env")
+        return self
+
+
+class SamplingConfig(_Section):
+    """How teacher and student traces are sampled (paper: K=8 at T=0.8)."""
+
+    k: int = Field(8, ge=1, description="traces per question for the teacher (paper: 8)")
+    student_k: int | None = Field(None, ge=1, description="traces per question for the student (default: k)")
+    temperature: float = Field(0.8, ge=0, description="paper: 0.8")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(512, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int = 0
+    rouge_threshold: float = Field(0.8, ge=0, le=1, description="drop teacher traces with ROUGE-L F1 above this "
+                                                                "against a kept trace of the same question (paper)")
+
+
+class PairsConfig(_Section):
+    """How chosen (teacher, correct) and rejected (student, wrong) traces become pairs (ours)."""
+
+    strategy: Literal["cycle", "all", "random", "hardest"] = Field(
+        "cycle", description="cycle: each positive with a distinct negative, cycling the shorter list")
+    max_pairs_per_question: int | None = Field(None, ge=1, description="cap per question (random: sample size)")
+    max_length: int = Field(1024, ge=8, description="prompt + completion tokens; longer pairs are truncated")
+    max_prompt_length: int = Field(512, ge=4, description="prompts longer than this are cut from the left")
+
+
+class PolicyConfig(_Section):
+    """Where each epoch's rejected traces come from: initial vs current student (paper: phi=0.5, mixed)."""
+
+    phi: float = Field(0.5, ge=0, le=1, description="probability a question's negatives come from the current "
+                                                    "student (0 off-policy, 1 on-policy)")
+    schedule: Literal["constant", "linear"] = Field("constant", description="linear: phi_start -> phi_end over epochs")
+    phi_start: float = Field(0.0, ge=0, le=1)
+    phi_end: float = Field(1.0, ge=0, le=1)
+    teacher_negatives_fallback: bool = Field(True, description="use the teacher's wrong traces when neither student "
+                                                               "source has a wrong trace (ours)")
+    gold_rationale_fallback: bool = Field(False, description="questions with no correct teacher trace use the "
+                                                             "dataset's gold rationale as chosen (ours)")
+
+
+class ObjectiveConfig(_Section):
+    """The ORPO objective L = NLL + lam * L_OR."""
+
+    lam: float = Field(1.0, ge=0, description="weight of the odds-ratio term (paper: 1; ORPO/TRL default 0.1)")
+    nll_scope: Literal["completion", "all"] = Field(
+        "completion", description="NLL over completion tokens (paper) or prompt+completion (TRL)")
+    nll_reduction: Literal["sequence", "token"] = Field(
+        "sequence", description="mean of per-sequence means (paper's -log q) or pooled over tokens (TRL/HF)")
+    chunk_size: int = Field(1024, ge=1, description="positions per LM-head chunk in the log-prob computation")
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(False, description="paper: full fine-tuning")
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    merge_on_save: bool = True
+
+
+class TrainerConfig(_Section):
+    epochs: int = Field(5, ge=1, description="paper: 5")
+    lr: float = Field(5e-6, gt=0)
+    batch_size: int = Field(8, ge=1, description="pairs (or SFT sequences) per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    save_every_steps: int | None = Field(None, ge=1, description="checkpoint every N optimiser steps (and each epoch)")
+    log_every_steps: int = Field(1, ge=1)
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["jsonl", "tensorboard"])
+
+
+class EvalConfig(_Section):
+    split: Literal["test", "validation"] = "test"
+    max_new_tokens: int | None = Field(None, ge=1, description="default: sampling.max_new_tokens")
+    batch_size: int = Field(32, ge=1)
+    majority_k: int = Field(1, ge=1, description=">1: majority vote over k samples at sampling.temperature")
+    every_epoch: bool = True
+
+
+class RunConfig(_Section):
+    out_dir: str = Field("runs/default", description="everything the run writes lives here")
+    seed: int = 0
+    seeds: int = Field(1, ge=1, description="train and evaluate each variant with this many seeds")
+    variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS))
+
+
+class Config(_Section):
+    """A whole ORPO-Distill run."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    teacher: ModelConfig = Field(default_factory=ModelConfig)
+    student: ModelConfig = Field(default_factory=ModelConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value), the value parsed as YAML (so 1e-5, true, [1,2] work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads `1e-5` as a string (no dot); users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            pass
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each dotted override set (pure: `data` is not modified)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at the section that holds `loc` (for 'unknown key' messages)."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return sorted(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed)}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults when `path` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text ({e})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + overrides " + " ".join(overrides)
+    return config_from_dict(data, source)
+
+
+def dump_config(cfg: Config) -> str:
+    """The config as YAML, every default written out (what a run records in its output dir)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_reference() -> str:
+    """A Markdown reference of every key, generated from the schema so that it cannot drift."""
+    lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            key = f"{prefix}{name}"
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, key + ".")
+                continue
+            default = field.get_default(call_default_factory=True)
+            tname = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            desc = (field.description or "").replace("|", "\\|")
+            tname = tname.replace("|", "\\|")
+            lines.append(f"| `{key}` | {tname} | `{default!r}` | {desc} |")
+
+    walk(Config, "")
+    return "\n".join(lines) + "\n"

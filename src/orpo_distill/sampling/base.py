@@ -1,0 +1,47 @@
+"""The one generator interface, used for teachers and students alike, whatever the backend.
+
+A `Generator` takes *user messages* (the task's instruction + question; each backend formats them for its own
+model: chat template, plain template, or an OpenAI chat message) and `SamplingParams`, and returns `n`
+`Completion`s per prompt with token counts, finish reasons and latency. Backends: `hf.py` (in-process
+transformers, the only one that can sample the student while it trains), `openai_api.py` (any
+OpenAI-compatible server or commercial API), `vllm_engine.py` (vLLM offline engine, optional extra).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 8
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    n_tokens: int  # generated tokens (the backend's own tokenizer)
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    latency_s: float = 0.0
+    prompt_tokens: int = 0
+
+
+class Generator(Protocol):
+    model_id: str  # recorded with every trace and part of its content key
+    revision: str  # weights identity: hub revision, checkpoint path + step, or a hash
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[Completion]]:
+        """`params.n` completions for each user message in `prompts`, in order."""
+        ...
