@@ -1,0 +1,216 @@
+"""Evaluation: a generator answers a task's questions; we grade them into accuracy and a predictions file.
+
+Greedy decoding (temperature 0, one sample) by default; with `majority_k > 1`, k samples per question at the
+given temperature and a majority vote over their parsed answers (unparsed samples do not vote; ties go to the
+answer that appears first in sample order, so the vote is deterministic given the samples). Generation is the
+only impure step (`evaluate`); grading and voting (`grade_completions`, `majority_vote`) are pure functions of
+their inputs. The predictions file has one JSON row per question in question order with a `completion` field,
+which is exactly what `orpo-distill score --predictions` reads, so re-scoring it gives the same accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .sampling.base import Completion, Generator, SamplingParams
+from .tasks.base import Grade, Question, Task
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of one model on one list of questions, with every prediction.
+
+    `predictions[i]` belongs to `questions[i]`: `id`, `gold`, `completion` (the graded text; for majority vote
+    the first sample that gave the voted answer, so re-scoring the file reproduces `accuracy`), `answer`
+    (the extracted answer, None when unparsed), `verdict`; for majority vote also `votes` (answer -> count)
+    and `samples` (each sample's `completion`, `answer`, `verdict`).
+    """
+
+    accuracy: float  # correct / n, in 0..1
+    n: int
+    correct: int
+    wrong: int
+    unparsed: int
+    predictions: list[dict[str, Any]]
+    majority_k: int = 1
+    temperature: float = 0.0
+    seed: int = 0
+    max_new_tokens: int | None = None
+    task: str = ""
+    model_id: str = ""
+    revision: str = ""
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, Any]:
+        """Everything but the predictions: what `metrics.json` holds and `eval` prints."""
+        d = asdict(self)
+        d.pop("predictions")
+        extra = d.pop("extra")
+        d.update(extra)
+        return d
+
+
+def majority_vote(grades: Sequence[Grade]) -> tuple[int | None, dict[str, int]]:
+    """The index of the sample whose answer wins the vote, and the vote counts.
+
+    Only parsed samples (answer not None, verdict not "unparsed") vote. The winner has the most votes; a tie
+    goes to the answer seen first in sample order. Returns (None, {}) when no sample parsed.
+    """
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, g in enumerate(grades):
+        if g.verdict == "unparsed" or g.answer is None:
+            continue
+        counts[g.answer] = counts.get(g.answer, 0) + 1
+        first.setdefault(g.answer, i)
+    if not counts:
+        return None, {}
+    # max over (votes, -first index): most votes, then earliest first appearance.
+    winner = max(counts, key=lambda a: (counts[a], -first[a]))
+    return first[winner], counts
+
+
+def grade_completions(task: Task, questions: Sequence[Question], completions: Sequence[Sequence[str]],
+                      *, majority_k: int = 1) -> EvalResult:
+    """Grade `completions[i]` (one text, or `majority_k` texts) against `questions[i]`; pure.
+
+    With one completion per question its grade is the prediction; with several, the majority vote picks it.
+    """
+    if len(completions) != len(questions):
+        raise ValueError(f"{len(completions)} completion lists for {len(questions)} questions")
+    preds: list[dict[str, Any]] = []
+    tally = {"correct": 0, "wrong": 0, "unparsed": 0}
+    for q, texts in zip(questions, completions):
+        if not texts:
+            raise ValueError(f"question {q.id!r} ({q.source or 'no source'}): no completion to grade")
+        grades = [task.grade(q, t) for t in texts]
+        row: dict[str, Any] = {"id": q.id, "gold": q.gold}
+        if len(texts) == 1 and majority_k == 1:
+            g = grades[0]
+            row.update(completion=texts[0], answer=g.answer, verdict=g.verdict)
+        else:
+            idx, votes = majority_vote(grades)
+            if idx is None:
+                # Nothing parsed: keep the first sample so that re-scoring the file also says "unparsed".
+                row.update(completion=texts[0], answer=None, verdict="unparsed")
+            else:
+                row.update(completion=texts[idx], answer=grades[idx].answer, verdict=grades[idx].verdict)
+            row["votes"] = votes
+            row["samples"] = [{"completion": t, "answer": g.answer, "verdict": g.verdict}
+                              for t, g in zip(texts, grades)]
+        tally[row["verdict"]] += 1
+        preds.append(row)
+    n = len(questions)
+    return EvalResult(accuracy=tally["correct"] / n if n else 0.0, n=n, correct=tally["correct"],
+                      wrong=tally["wrong"], unparsed=tally["unparsed"], predictions=preds,
+                      majority_k=majority_k, task=getattr(task, "name", ""))
+
+
+def evaluate(generator: Generator, task: Task, questions: Sequence[Question], *, max_new_tokens: int,
+             majority_k: int = 1, temperature: float = 0.8, seed: int = 0, batch_size: int = 32,
+             progress: bool = True, stop: Sequence[str] = ()) -> EvalResult:
+    """Generate answers for `questions` with `generator` and grade them with `task`.
+
+    `majority_k == 1` is greedy decoding (temperature 0, one sample; `temperature` is ignored).
+    `majority_k > 1` samples k completions per question at `temperature` and takes the majority vote.
+    Questions are sent to the generator `batch_size` at a time (the backend may batch further inside).
+    """
+    if not questions:
+        raise ValueError("no questions to evaluate")
+    if majority_k < 1:
+        raise ValueError(f"majority_k must be >= 1, got {majority_k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if majority_k > 1 and temperature <= 0:
+        raise ValueError("majority vote needs temperature > 0 (at temperature 0 all k samples are the same)")
+    temp = 0.0 if majority_k == 1 else float(temperature)
+    params = SamplingParams(n=majority_k, temperature=temp, max_new_tokens=max_new_tokens, stop=tuple(stop),
+                            seed=seed)
+    messages = [task.user_message(q) for q in questions]
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(questions), desc=f"eval {getattr(task, 'name', '')}".strip(), unit="q")
+    outs: list[list[Completion]] = []
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, len(messages), batch_size):
+            chunk = messages[start:start + batch_size]
+            got = generator.generate(chunk, params)
+            if len(got) != len(chunk):
+                raise RuntimeError(f"generator returned {len(got)} results for {len(chunk)} prompts")
+            for i, comps in enumerate(got):
+                if len(comps) != majority_k:
+                    q = questions[start + i]
+                    raise RuntimeError(f"generator returned {len(comps)} completions for question {q.id!r}, "
+                                       f"expected {majority_k}")
+            outs.extend(got)
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+
+    result = grade_completions(task, questions, [[c.text for c in comps] for comps in outs],
+                               majority_k=majority_k)
+    result.temperature = temp
+    result.seed = seed
+    result.max_new_tokens = max_new_tokens
+    result.model_id = getattr(generator, "model_id", "")
+    result.revision = getattr(generator, "revision", "")
+    result.generated_tokens = sum(c.n_tokens for comps in outs for c in comps)
+    result.prompt_tokens = sum(c.prompt_tokens for comps in outs for c in comps)
+    result.seconds = seconds
+    return result
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a reader (or a resumed run) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_predictions(path: str | os.PathLike[str], result: EvalResult) -> Path:
+    """One JSON row per question, in question order, each with a `completion` field (the `score` format)."""
+    p = Path(path)
+    _atomic_write_text(p, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions))
+    return p
+
+
+def write_metrics(path: str | os.PathLike[str], result: EvalResult) -> Path:
+    """`result.metrics()` as pretty JSON."""
+    p = Path(path)
+    _atomic_write_text(p, json.dumps(result.metrics(), indent=2, ensure_ascii=False) + "\n")
+    return p
+
+
+def read_predictions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a predictions JSONL file; a bad row is an error naming file and line."""
+    p = Path(path)
+    rows: list[dict[str, Any]] = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, Mapping) or not isinstance(row.get("completion"), str):
+                raise ValueError(f"{p}:{lineno}: field 'completion' missing or not a string")
+            rows.append(dict(row))
+    return rows
