@@ -64,7 +64,7 @@ def test_greedy_counts_correct_wrong_unparsed_and_batches():
     task, qs = NumTask(), _questions(5)
     texts = ["so The answer is 0.", "The answer is 3.", "no idea", "The answer is 5. wait, The answer is 6.",
              "The answer is 8."]
-    gen = FakeGenerator({task.user_message(q): [t] for q, t in zip(qs, texts)})
+    gen = FakeGenerator({task.user_message(q): [t] for q, t in zip(qs, texts, strict=True)})
     r = evaluate(gen, task, qs, max_new_tokens=16, batch_size=2, progress=False, temperature=0.8)
     assert (r.n, r.correct, r.wrong, r.unparsed) == (5, 3, 1, 1)
     assert r.accuracy == pytest.approx(0.6)

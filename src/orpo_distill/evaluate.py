@@ -89,7 +89,7 @@ def grade_completions(task: Task, questions: Sequence[Question], completions: Se
         raise ValueError(f"{len(completions)} completion lists for {len(questions)} questions")
     preds: list[dict[str, Any]] = []
     tally = {"correct": 0, "wrong": 0, "unparsed": 0}
-    for q, texts in zip(questions, completions):
+    for q, texts in zip(questions, completions, strict=True):
         if not texts:
             raise ValueError(f"question {q.id!r} ({q.source or 'no source'}): no completion to grade")
         grades = [task.grade(q, t) for t in texts]
@@ -106,7 +106,7 @@ def grade_completions(task: Task, questions: Sequence[Question], completions: Se
                 row.update(completion=texts[idx], answer=grades[idx].answer, verdict=grades[idx].verdict)
             row["votes"] = votes
             row["samples"] = [{"completion": t, "answer": g.answer, "verdict": g.verdict}
-                              for t, g in zip(texts, grades)]
+                              for t, g in zip(texts, grades, strict=True)]
         tally[row["verdict"]] += 1
         preds.append(row)
     n = len(questions)

@@ -1,0 +1,235 @@
+"""report.py: the paper's table from results dicts, plots, tables across runs, sweeps chosen on validation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from orpo_distill.report import (
+    aggregate,
+    best_cell,
+    describe_differences,
+    format_accuracy,
+    load_results,
+    paper_reference_table,
+    report_runs,
+    save_results,
+    sweep_table,
+    write_report,
+    write_sweep_report,
+)
+
+PAPER_ROWS = ["zero-shot CoT", "single-CoT SFT", "diverse-CoT SFT", "ORPO teacher negatives", "off-policy ORPO",
+              "on-policy ORPO", "mixed-policy ORPO"]
+
+
+def _pool(cur: float, init: float, teach: float, none: int) -> dict:
+    return {"current": cur, "initial": init, "teacher": teach, "none": none, "mean_age": 0.5}
+
+
+def _seed(acc: float, seed: int, orpo: bool = True, n: int = 50) -> dict:
+    eps = [{"epoch": e, "accuracy": acc - 0.1 + 0.05 * e, "loss": 2.0 / e,
+            **({"pool": _pool(0.5, 0.4, 0.1, e)} if orpo else {})} for e in (1, 2)]
+    return {"accuracy": acc, "n": n, "unparsed": 2 + seed, "seed": seed, "per_epoch": eps}
+
+
+def _results(task: str = "synthetic", student: str = "tiny-llama", phi: float = 0.5, seeds: int = 2,
+             bump: float = 0.0) -> dict:
+    base = {"orpo_mixed": 0.70, "zero_shot": 0.20, "sft_single": 0.40, "orpo_off": 0.60, "sft_diverse": 0.50,
+            "orpo_on": 0.55, "orpo_teacher_neg": 0.45}  # deliberately not in the paper's order
+    variants = {}
+    for v, a in base.items():
+        variants[v] = aggregate([_seed(a + bump + 0.02 * s, s, orpo=v.startswith("orpo")) for s in range(seeds)])
+    variants["zero_shot"].pop("per_epoch", None)
+    return {"task": task, "teacher": "tiny-gpt2", "student": student, "variants": variants,
+            "costs": {"teacher": {"tokens": 12345, "seconds": 10.5}, "training_seconds": 99.0},
+            "config": {"run": {"out_dir": f"runs/{task}-{student}-{phi}"}, "task": {"name": task,
+                       "test": {"path": f"data/{task}.jsonl"}}, "student": {"model": student},
+                       "teacher": {"model": "tiny-gpt2"}, "policy": {"phi": phi}}}
+
+
+def _table_rows(md: str, header_start: str) -> list[list[str]]:
+    lines = md.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[i:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return [rows[0]] + rows[2:]  # drop the alignment row
+
+
+def _assert_png(path) -> None:
+    from matplotlib.image import imread
+
+    assert path.is_file() and path.stat().st_size > 2000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 300
+    assert img.std() > 0.01  # not a blank canvas
+
+
+def test_aggregate_mean_sample_std_and_epochs():
+    e = aggregate([_seed(0.5, 0), _seed(0.6, 1), _seed(0.7, 2)])
+    assert e["accuracy"] == pytest.approx(0.6)
+    assert e["std"] == pytest.approx(0.1)  # sample std (ddof=1) of 0.5, 0.6, 0.7
+    assert e["seeds"] == pytest.approx([0.5, 0.6, 0.7]) and e["seed_ids"] == [0, 1, 2]
+    assert e["n"] == 50 and e["unparsed"] == pytest.approx(3.0)
+    ep1 = e["per_epoch"][0]
+    assert ep1["epoch"] == 1 and ep1["accuracy"] == pytest.approx(0.55) and ep1["n_seeds"] == 3
+    assert ep1["accuracy_std"] == pytest.approx(0.1) and ep1["loss"] == pytest.approx(2.0)
+    assert ep1["pool"]["current"] == pytest.approx(0.5) and ep1["pool"]["none"] == pytest.approx(1)
+    one = aggregate([{"accuracy": 0.3, "n": 10, "unparsed": 1}])
+    assert one["std"] == 0.0 and one["seeds"] == [0.3] and "per_epoch" not in one
+    with pytest.raises(ValueError, match="different numbers of questions"):
+        aggregate([_seed(0.5, 0, n=50), _seed(0.5, 1, n=49)])
+    with pytest.raises(ValueError, match="no seed results"):
+        aggregate([])
+
+
+def test_format_accuracy():
+    assert format_accuracy({"accuracy": 0.41204, "std": 0.01351, "seeds": [0.4, 0.42]}) == "41.20 ± 1.35"
+    assert format_accuracy({"accuracy": 0.41204, "std": 0.0, "seeds": [0.41204]}) == "41.20"
+    assert format_accuracy({"accuracy": 0.5}) == "50.00"
+    assert format_accuracy(None) == "—"
+
+
+def test_write_report_files_table_and_plots(tmp_path):
+    res = _results()
+    save_results(tmp_path, res)
+    assert load_results(tmp_path) == json.loads((tmp_path / "results.json").read_text())
+    written = write_report(tmp_path, res)
+    names = sorted(p.name for p in written)
+    assert names == ["accuracy_by_variant.png", "accuracy_loss_by_epoch.png", "negative_pool_by_epoch.png",
+                     "results.md"]
+    for p in written:
+        if p.suffix == ".png":
+            _assert_png(p)
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    rows = _table_rows(md, "| setting | synthetic |")
+    assert [r[0] for r in rows[1:]] == PAPER_ROWS  # the paper's order and names, whatever the dict order
+    # mixed-policy: seeds 0.70, 0.72 -> 71.00 ± 1.41
+    assert rows[-1] == ["mixed-policy ORPO", "71.00 ± 1.41"]
+    assert rows[1] == ["zero-shot CoT", "21.00 ± 1.41"]
+    assert "teacher: `tiny-gpt2`" in md and "student: `tiny-llama`" in md and "(n): 50" in md and "seeds: 2" in md
+    assert "| teacher.tokens | 12,345 |" in md and "| training_seconds | 99 |" in md
+    assert "](plots/accuracy_by_variant.png)" in md
+    assert "paper's numbers" not in md  # synthetic is not one of the paper's tasks
+    # one seed: no ± anywhere in the main table
+    one = _results(seeds=1)
+    write_report(tmp_path / "one", one)
+    rows1 = _table_rows((tmp_path / "one" / "results.md").read_text(), "| setting |")
+    assert rows1[-1] == ["mixed-policy ORPO", "70.00"] and not any("±" in c for r in rows1 for c in r)
+
+
+def test_report_for_a_paper_task_shows_paper_numbers_and_skips_missing_plots(tmp_path):
+    res = {"task": "gsm8k", "teacher": "t", "student": "s",
+           "variants": {"zero_shot": {"accuracy": 0.1, "n": 20, "unparsed": 3}}}
+    written = write_report(tmp_path, res)
+    assert [p.name for p in written] == ["results.md", "accuracy_by_variant.png"]  # no epochs, no pool
+    md = (tmp_path / "results.md").read_text()
+    assert "| GSM8K |" in md and "11.97" in md and "secondary source" in md
+
+
+def test_bad_results_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"variants.orpo_off.accuracy must be a number in 0..1"):
+        write_report(tmp_path, {"task": "x", "variants": {"orpo_off": {"accuracy": 41.2}}})
+    with pytest.raises(ValueError, match="variants"):
+        save_results(tmp_path, {"task": "x"})
+    (tmp_path / "results.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"results.json:1: not valid JSON"):
+        load_results(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        load_results(tmp_path / "missing")
+
+
+def test_report_runs_students_by_tasks_is_the_papers_layout(tmp_path):
+    dirs = []
+    for student, bump in (("TinyLlama", 0.0), ("InternLM", 0.1)):
+        for task in ("medqa", "gsm8k"):
+            d = tmp_path / f"{student}-{task}"
+            save_results(d, _results(task=task, student=student, bump=bump + (0.05 if task == "gsm8k" else 0)))
+            dirs.append(d)
+    out = tmp_path / "cmp"
+    written = report_runs(dirs, out)
+    assert sorted(p.name for p in written) == ["accuracy_across_runs.png", "report.json", "report.md"]
+    _assert_png(out / "plots" / "accuracy_across_runs.png")
+    md = (out / "report.md").read_text()
+    rows = _table_rows(md, "| run |")
+    assert rows[0] == ["run", "setting", "MedQA", "GSM8K", "avg"]
+    assert rows[1][:2] == ["student=TinyLlama", "zero-shot CoT"] and rows[8][:2] == ["student=InternLM",
+                                                                                      "zero-shot CoT"]
+    assert rows[2][0] == ""  # the run's label only on its block's first row
+    # TinyLlama mixed: medqa seeds .70/.72 -> 71.00; gsm8k +5 -> 76.00; avg 73.50
+    assert rows[7] == ["", "mixed-policy ORPO", "71.00 ± 1.41", "76.00 ± 1.41", "73.50"]
+    assert "Runs differ in: the task (the columns), `student.model`" in md
+    data = json.loads((out / "report.json").read_text())
+    assert data["layout"] == "tasks_as_columns" and data["differing_keys"] == ["student.model"]
+
+
+def test_report_runs_one_task_several_phi_labels_columns_by_phi(tmp_path):
+    dirs = []
+    for phi, bump in ((0.0, 0.0), (0.5, 0.01), (1.0, 0.02)):
+        d = tmp_path / f"phi{phi}"
+        save_results(d, _results(phi=phi, bump=bump))
+        dirs.append(d)
+    report_runs(dirs, tmp_path / "out")
+    rows = _table_rows((tmp_path / "out" / "report.md").read_text(), "| setting (synthetic) |")
+    assert rows[0] == ["setting (synthetic)", "policy.phi=0", "policy.phi=0.5", "policy.phi=1"]
+    assert rows[-1] == ["mixed-policy ORPO", "71.00 ± 1.41", "72.00 ± 1.41", "73.00 ± 1.41"]
+    # identical configs: told apart by directory name
+    labels, keys = describe_differences([_results(), _results()])
+    assert labels == ["", ""] and keys == []
+
+
+def _cells() -> list[dict]:
+    # best on test is lam=1 (cell 2), best on validation is lam=0.3 (cell 1): the validation one must be chosen
+    return [{"overrides": {"objective.lam": 0.1}, "validation": [0.50, 0.52], "test": [0.50, 0.50]},
+            {"overrides": {"objective.lam": 0.3}, "validation": [0.60, 0.62], "test": [0.55, 0.57]},
+            {"overrides": {"objective.lam": 1.0}, "validation": [0.58, 0.60], "test": [0.80, 0.82]},
+            {"overrides": {"objective.lam": 3.0}, "validation": [0.61, 0.61], "test": [0.10, 0.10]}]
+
+
+def test_sweep_best_is_chosen_on_validation_not_test(tmp_path):
+    cells = _cells()
+    assert best_cell(cells) == 1  # 0.61 mean; cell 3 ties at 0.61 and loses to the earlier cell
+    md = sweep_table(cells)
+    rows = _table_rows(md, "| objective.lam |")
+    assert rows[0] == ["objective.lam", "validation %", "test %", "seeds", "chosen"]
+    assert rows[2] == ["0.3", "61.00 ± 1.41", "56.00 ± 1.41", "2", "**best (validation)**"]
+    assert [r[-1] for r in rows[1:]].count("**best (validation)**") == 1
+    with pytest.raises(ValueError, match="validation"):
+        best_cell([{"overrides": {"a": 1}, "test": [0.9]}])
+    written = write_sweep_report(tmp_path, cells, title="lambda sweep")
+    assert {p.name for p in written} == {"sweep.md", "sweep.json", "sweep.png"}
+    _assert_png(tmp_path / "plots" / "sweep.png")
+    assert json.loads((tmp_path / "sweep.json").read_text())["chosen"] == 1
+
+
+def test_sweep_per_variant_choice():
+    cells = [{"variant": "orpo_off", "overrides": {"objective.lam": 0.1}, "validation": [0.4], "test": [0.9]},
+             {"variant": "orpo_off", "overrides": {"objective.lam": 1.0}, "validation": [0.5], "test": [0.1]},
+             {"variant": "orpo_mixed", "overrides": {"objective.lam": 0.1}, "validation": [0.7], "test": [0.2]},
+             {"variant": "orpo_mixed", "overrides": {"objective.lam": 1.0}, "validation": [0.6], "test": [0.8]}]
+    rows = _table_rows(sweep_table(cells), "| variant |")
+    chosen = [(r[0], r[1]) for r in rows[1:] if r[-1]]
+    assert chosen == [("off-policy ORPO", "1"), ("mixed-policy ORPO", "0.1")]
+
+
+def test_paper_reference_table():
+    md = paper_reference_table()
+    rows = _table_rows(md, "| student / setting |")
+    assert rows[0] == ["student / setting", "MedQA", "ARC-C", "StrategyQA", "OBQA", "GSM8K", "avg"]
+    assert rows[1] == ["TinyLlama-1.1B zero-shot CoT", "29.78", "29.95", "43.52", "26.60", "11.97", "28.36"]
+    assert ["mixed-policy ORPO", "50.43", "59.32", "61.75", "55.22", "52.47", "55.84"] in rows
+    assert ["ORPO teacher negatives (ablation, off-policy)", "41.72", "45.87", "—", "—", "—", "—"] in rows
+    assert "secondary source" in md and "2509.25100" in md
+    sub = _table_rows(paper_reference_table(["arc_challenge"]), "| student / setting |")
+    assert sub[0] == ["student / setting", "ARC-C"] and sub[-1] == ["mixed-policy ORPO", "59.32"]
+    # TinyLlama has no teacher-negative row in the paper; every row's average is consistent with its cells
+    for r in rows[1:]:
+        vals = [float(x) for x in r[1:6] if x != "—"]
+        if len(vals) == 5:
+            assert math.isclose(sum(vals) / 5, float(r[6]), abs_tol=0.02)
