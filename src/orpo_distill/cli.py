@@ -25,6 +25,52 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_fields(items: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        for part in item.split(","):
+            if "=" not in part:
+                raise ConfigError(f"--fields {part!r} must look like ours=yours (e.g. question=prompt)")
+            k, v = part.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import DataSplit, ModelConfig, TaskConfig
+    from .evaluate import run_eval
+
+    model = ModelConfig(model=args.model, gguf_file=args.gguf_file, template=args.template,
+                        batch_size=args.batch_size, device=args.device)
+    task = TaskConfig(name=args.task, kind=args.kind, grader=args.grader, fields=_parse_fields(args.fields),
+                      test=DataSplit(path=args.data, limit=args.limit))
+    try:
+        result = run_eval(model, task, args.out, max_new_tokens=args.max_new_tokens, majority_k=args.majority_k,
+                          temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
+                          progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:  # bad data, model path or arguments: a message, not a traceback
+        raise ConfigError(str(e)) from e
+    print(json.dumps(result.metrics(), ensure_ascii=False))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import load_results, report_runs, write_report
+
+    try:
+        if len(args.dirs) == 1 and args.out is None:
+            written = write_report(args.dirs[0], load_results(args.dirs[0]))
+        else:
+            written = report_runs(args.dirs, args.out or "report")
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+    print(written[0].read_text(encoding="utf-8"), end="")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="orpo-distill", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -34,6 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("eval", help="accuracy of a model on a data file (greedy, or majority vote over k samples)")
+    p.add_argument("--model", required=True, help="hub id or local folder of the model (HF backend)")
+    p.add_argument("--task", required=True, help="built-in task name, or a kind (numeric, multiple_choice, ...)")
+    p.add_argument("--data", required=True, help="the questions: JSONL/JSON/CSV/Parquet file or dataset folder")
+    p.add_argument("--kind", default="auto", help="grading kind when --task is your own name (default: auto)")
+    p.add_argument("--grader", default=None, help="module:function grading a completion, for --kind custom")
+    p.add_argument("--fields", action="append", metavar="OURS=YOURS",
+                   help="map our field names to the file's, e.g. question=prompt,answer=label (repeatable)")
+    p.add_argument("--majority-k", type=int, default=1, help="k > 1: majority vote over k samples (default 1: greedy)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for --majority-k > 1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--template", choices=["auto", "chat", "plain"], default="auto",
+                   help="the model's chat template, or the plain one for base models (auto: chat if it has one)")
+    p.add_argument("--gguf-file", default=None, help="load weights from this GGUF file inside --model")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write DIR/predictions.jsonl and DIR/metrics.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="re-render a run's results.md and plots, or one table across several runs")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (each with results.json)")
+    p.add_argument("--out", default=None, help="where the cross-run report goes (default: ./report; with one DIR "
+                                               "and no --out the run's own results.md and plots/ are rewritten)")
+    p.set_defaults(func=cmd_report)
 
     return ap
 

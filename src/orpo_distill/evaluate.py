@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import ModelConfig, TaskConfig
 from .sampling.base import Completion, Generator, SamplingParams
 from .tasks.base import Grade, Question, Task
 
@@ -214,3 +215,24 @@ def read_predictions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 raise ValueError(f"{p}:{lineno}: field 'completion' missing or not a string")
             rows.append(dict(row))
     return rows
+
+
+def run_eval(model: ModelConfig, task_cfg: TaskConfig, out_dir: str | os.PathLike[str] | None, *,
+             split: str = "test", max_new_tokens: int = 512, majority_k: int = 1, temperature: float = 0.8,
+             seed: int = 0, batch_size: int = 32, progress: bool = True) -> EvalResult:
+    """The `eval` command: load the task's `split` and the model (HF backend), evaluate, and write
+    `out_dir/predictions.jsonl` and `out_dir/metrics.json` (nothing is written when `out_dir` is None)."""
+    from .sampling.hf import HFGenerator
+    from .tasks import load_questions, load_task
+
+    task = load_task(task_cfg)
+    questions = load_questions(task_cfg, split)
+    generator = HFGenerator.from_config(model)
+    result = evaluate(generator, task, questions, max_new_tokens=max_new_tokens, majority_k=majority_k,
+                      temperature=temperature, seed=seed, batch_size=batch_size, progress=progress)
+    split_cfg = getattr(task_cfg, split)
+    result.extra.update(data=split_cfg.path, split=split)
+    if out_dir is not None:
+        write_predictions(Path(out_dir) / "predictions.jsonl", result)
+        write_metrics(Path(out_dir) / "metrics.json", result)
+    return result
