@@ -233,3 +233,20 @@ def test_paper_reference_table():
         vals = [float(x) for x in r[1:6] if x != "—"]
         if len(vals) == 5:
             assert math.isclose(sum(vals) / 5, float(r[6]), abs_tol=0.02)
+
+
+def test_cli_report_one_run_and_across_runs(tmp_path, capsys):
+    from orpo_distill.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    save_results(a, _results(student="s1"))
+    save_results(b, _results(student="s2", bump=0.1))
+    assert main(["report", str(a)]) == 0
+    assert (a / "results.md").is_file() and (a / "plots" / "accuracy_by_variant.png").is_file()
+    assert "| mixed-policy ORPO | 71.00 ± 1.41 |" in capsys.readouterr().out
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "| setting (synthetic) | student=s1 | student=s2 |" in out
+    assert (tmp_path / "cmp" / "report.md").is_file()
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "no results.json" in capsys.readouterr().err
