@@ -33,14 +33,18 @@ LOGP_MAX = -1e-7
 _LN2 = math.log(2.0)
 
 
+def _at_least_f32(x: Tensor) -> Tensor:
+    """Half-precision inputs are upcast to float32; float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x <= 0, stable everywhere (Maechler 2012), in float32 or wider.
 
     Uses log1p(-exp(x)) for x < -ln 2 and log(-expm1(x)) otherwise. Inputs are clamped to <= LOGP_MAX so the
     result is finite at x = 0; both `where` branches see safe inputs so no NaN leaks into the gradient.
     """
-    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    x = x.clamp(max=LOGP_MAX)
+    x = _at_least_f32(x).clamp(max=LOGP_MAX)
     small = x < -_LN2
     far = torch.log1p(-torch.exp(torch.where(small, x, torch.full_like(x, -1.0))))
     near = torch.log(-torch.expm1(torch.where(small, torch.full_like(x, -0.1), x)))
@@ -48,13 +52,13 @@ def log1mexp(x: Tensor) -> Tensor:
 
 
 def log_odds_ratio(chosen_logps: Tensor, rejected_logps: Tensor) -> Tensor:
-    """log( odds(chosen) / odds(rejected) ) per example, from mean token log-probs (each <= 0), in float32.
+    """log( odds(chosen) / odds(rejected) ) per example, from mean token log-probs (each <= 0), in float32 or wider.
 
     odds(y) = q / (1 - q) with log q the length-normalised log-probability. Positive when the chosen completion
     is the more likely one.
     """
-    c = chosen_logps.float().clamp(max=LOGP_MAX)
-    r = rejected_logps.float().clamp(max=LOGP_MAX)
+    c = _at_least_f32(chosen_logps).clamp(max=LOGP_MAX)
+    r = _at_least_f32(rejected_logps).clamp(max=LOGP_MAX)
     return (c - r) - (log1mexp(c) - log1mexp(r))
 
 
@@ -163,7 +167,7 @@ def orpo_objective(chosen_logps: Tensor, rejected_logps: Tensor, nll_loss: Tenso
     """L = nll_loss + lam * mean(-log sigmoid(log odds ratio)); mean log-probs in, loss and metrics out."""
     lor = log_odds_ratio(chosen_logps, rejected_logps)
     l_or = -F.logsigmoid(lor).mean()
-    loss = nll_loss.float() + lam * l_or
+    loss = _at_least_f32(nll_loss) + lam * l_or
     c, r = chosen_logps.detach().float(), rejected_logps.detach().float()
     metrics = {
         "loss": loss.detach(),
