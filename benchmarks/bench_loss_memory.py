@@ -52,7 +52,7 @@ def main() -> None:
     batch["completion_mask"][:, a.prompt:] = 1
     rows = []
     for name, loss_fn in [("naive", ORPOLoss(lam=1.0, naive=True)), ("chunked", ORPOLoss(lam=1.0, chunk_size=a.chunk))]:
-        def step() -> float:
+        def step(loss_fn: ORPOLoss = loss_fn) -> float:
             model.zero_grad(set_to_none=True)
             loss, _ = loss_fn(model, batch)
             loss.backward()
