@@ -33,6 +33,7 @@ class DataSplit(_Section):
 
     path: str | None = Field(None, description="JSONL/JSON/CSV/Parquet file, `save_to_disk` folder, or hub dataset name")
     split: str | None = Field(None, description="split name inside a hub dataset or `save_to_disk` DatasetDict")
+    subset: str | None = Field(None, description="hub dataset configuration name (e.g. `main` for openai/gsm8k)")
     limit: int | None = Field(None, ge=1, description="keep at most this many rows")
     sample_seed: int | None = Field(None, description="with `limit`: a seeded random sample instead of the first N")
 
