@@ -128,6 +128,8 @@ class PolicyConfig(_Section):
                                                                "source has a wrong trace (ours)")
     gold_rationale_fallback: bool = Field(False, description="questions with no correct teacher trace use the "
                                                              "dataset's gold rationale as chosen (ours)")
+    unparsed_negatives: bool = Field(False, description="also use traces whose final answer could not be parsed "
+                                                        "as rejected (paper: only wrong answers; ours)")
 
 
 class ObjectiveConfig(_Section):
