@@ -13,7 +13,6 @@ from orpo_distill.evaluate import (
     evaluate,
     grade_completions,
     majority_vote,
-    read_predictions,
     write_metrics,
     write_predictions,
 )
@@ -133,7 +132,6 @@ def test_predictions_and_metrics_files(tmp_path):
     assert len(lines) == 3
     rows = [json.loads(x) for x in lines]
     assert [x["completion"] for x in rows] == ["The answer is 0.", "nope", "The answer is 4. \u00e9"]
-    assert read_predictions(pred) == rows
     # re-grading the file's completions gives the same numbers (what `score` does)
     again = grade_completions(task, qs, [[x["completion"]] for x in rows])
     assert again.metrics() == r.metrics()
@@ -150,16 +148,99 @@ def test_majority_predictions_rescore_to_same_accuracy(tmp_path):
                ["x", "y", "z"],
                ["The answer is 1.", "The answer is 6.", "q"]]
     r = grade_completions(task, qs, samples, majority_k=3)
-    rows = read_predictions(write_predictions(tmp_path / "p.jsonl", r))
+    p = write_predictions(tmp_path / "p.jsonl", r)
+    rows = [json.loads(x) for x in p.read_text().splitlines()]
     again = grade_completions(task, qs, [[x["completion"]] for x in rows])
     assert (again.correct, again.wrong, again.unparsed) == (r.correct, r.wrong, r.unparsed) == (2, 1, 1)
 
 
-def test_read_predictions_names_file_and_line(tmp_path):
-    p = tmp_path / "bad.jsonl"
-    p.write_text('{"completion": "ok"}\n{"completion": 3}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'completion'"):
-        read_predictions(p)
-    p.write_text('{"completion": "ok"}\nnot json\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        read_predictions(p)
+def test_majority_vote_representative_prefers_a_correct_sample():
+    q = Question(id="a", text="?", gold="4")
+    grades = [Grade("wrong", "4"), Grade("correct", "4"), Grade("wrong", "5")]  # sample 0: ambiguous, says 4 too
+    assert majority_vote(grades) == (1, {"4": 2, "5": 1})
+    r = grade_completions(_ScriptedTask(grades), [q], [["s0", "s1", "s2"]], majority_k=3)
+    assert r.correct == 1 and r.predictions[0]["completion"] == "s1"
+
+
+class _ScriptedTask(NumTask):
+    def __init__(self, grades):
+        self.by_text = {f"s{i}": g for i, g in enumerate(grades)}
+
+    def grade(self, q, completion):
+        return self.by_text[completion]
+
+
+def test_predictions_file_round_trips_through_the_score_path(tmp_path):
+    """A real numeric task: `score`'s reader and grader give the same numbers from our predictions file."""
+    from orpo_distill.tasks import NumericTask, load_questions_from
+    from orpo_distill.tasks.scoring import read_predictions, score_predictions
+
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(4)), encoding="utf-8")
+    task = NumericTask(name="numeric")
+    qs = load_questions_from(str(data), task, {})
+    samples = [["Adding: 0 + 0 = 0. The answer is 0.", "The answer is 1."],
+               ["I think the answer is 3.", "The answer is 2."],
+               ["Hmm.", "No idea."],
+               ["The answer is $6.", "So 3 + 3 = 6. The answer is 6."]]
+    for k in (1, 2):
+        r = grade_completions(task, qs, [s[:k] for s in samples], majority_k=k)
+        pred = write_predictions(tmp_path / f"pred{k}.jsonl", r)
+        summary, rows = score_predictions(task, qs, read_predictions(pred))
+        assert (summary["accuracy"], summary["n"], summary["correct"], summary["unparsed"]) == (
+            r.accuracy, r.n, r.correct, r.unparsed)
+        assert [x["verdict"] for x in rows] == [x["verdict"] for x in r.predictions]
+    assert (r.correct, r.wrong, r.unparsed) == (2, 1, 1)
+
+
+def test_eval_cli_end_to_end_on_a_tiny_model(tmp_path, tiny_llama_dir, capsys):
+    from orpo_distill.cli import build_parser, main
+    from orpo_distill.tasks import NumericTask, load_questions_from
+    from orpo_distill.tasks.scoring import read_predictions, score_predictions
+
+    data = tmp_path / "nums.jsonl"
+    data.write_text("".join(json.dumps({"q": f"Tom has {i} apples and buys 4 more. How many?", "a": i + 4}) + "\n"
+                            for i in range(5)), encoding="utf-8")
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", str(tiny_llama_dir), "--task", "numeric", "--data", str(data),
+            "--fields", "question=q,answer=a", "--limit", "4", "--max-new-tokens", "6", "--batch-size", "3",
+            "--template", "plain", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert printed == metrics
+    assert metrics["n"] == 4 and metrics["correct"] + metrics["wrong"] + metrics["unparsed"] == 4
+    assert metrics["majority_k"] == 1 and metrics["temperature"] == 0.0 and metrics["generated_tokens"] > 0
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(isinstance(r["completion"], str) for r in rows)
+    task = NumericTask(name="numeric")
+    qs = load_questions_from(str(data), task, {"question": "q", "answer": "a"}, limit=4)
+    assert [r["id"] for r in rows] == [q.id for q in qs] and [r["gold"] for r in rows] == ["4", "5", "6", "7"]
+    summary, _ = score_predictions(task, qs, read_predictions(out / "predictions.jsonl"))
+    assert summary["accuracy"] == metrics["accuracy"] and summary["unparsed"] == metrics["unparsed"]
+    # greedy is deterministic: a second run writes the same completions
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert [json.loads(x)["completion"] for x in (out / "predictions.jsonl").read_text().splitlines()] == [
+        r["completion"] for r in rows]
+    # the `score` command, when present, reads the file as it is
+    sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "eval" in a.choices)
+    if "score" in sub.choices:
+        plain = tmp_path / "plain.jsonl"  # the score command's default field names
+        plain.write_text("".join(json.dumps({"question": q.text, "answer": q.gold}) + "\n" for q in qs))
+        assert main(["score", "--task", "numeric", "--data", str(plain), "--predictions",
+                     str(out / "predictions.jsonl")]) == 0
+        scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert scored["accuracy"] == metrics["accuracy"] and scored["n"] == 4
+    # majority vote: k samples per question, written with their answers
+    assert main([*argv[:-3], "--out", str(out / "mv"), "--majority-k", "3", "--temperature", "1.0",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    mrow = json.loads((out / "mv" / "predictions.jsonl").read_text().splitlines()[0])
+    assert len(mrow["samples"]) == 3 and "votes" in mrow
+    assert json.loads((out / "mv" / "metrics.json").read_text())["majority_k"] == 3
+    # bad input: a clear message, exit code 2
+    assert main(["eval", "--model", str(tiny_llama_dir), "--task", "numeric", "--data", str(tmp_path / "no.jsonl"),
+                 "--no-progress"]) == 2
+    assert "no.jsonl" in capsys.readouterr().err

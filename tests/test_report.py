@@ -250,3 +250,19 @@ def test_cli_report_one_run_and_across_runs(tmp_path, capsys):
     assert (tmp_path / "cmp" / "report.md").is_file()
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_policy_pool_stats_are_read_as_shares(tmp_path):
+    """per_epoch pools may be the policy's PoolStats dicts (counts); they become shares of questions."""
+    stats = {"epoch": 2, "phi": 0.5, "questions": 10, "from_current": 4, "from_initial": 3, "from_older": 1,
+             "from_teacher": 0, "no_negatives": 2, "negatives": 20, "share_current": 0.4, "mean_age": 0.25}
+    e = aggregate([{"accuracy": 0.5, "n": 10, "unparsed": 0, "per_epoch": [{"epoch": 2, "accuracy": 0.5,
+                                                                            "pool": stats}]}])
+    pool = e["per_epoch"][0]["pool"]
+    assert pool["current"] == pytest.approx(0.5) and pool["initial"] == pytest.approx(0.375)
+    assert pool["older"] == pytest.approx(0.125) and pool["none"] == 2 and pool["mean_age"] == 0.25
+    res = {"task": "t", "variants": {"orpo_mixed": e}}
+    written = write_report(tmp_path, res)
+    assert "negative_pool_by_epoch.png" in [p.name for p in written]
+    md = (tmp_path / "results.md").read_text()
+    assert "| mixed-policy ORPO | 2 | 50.00 | — | 50% | 12% | 38% | 0% | 2 | 0.25 |" in md

@@ -5,7 +5,8 @@ given temperature and a majority vote over their parsed answers (unparsed sample
 answer that appears first in sample order, so the vote is deterministic given the samples). Generation is the
 only impure step (`evaluate`); grading and voting (`grade_completions`, `majority_vote`) are pure functions of
 their inputs. The predictions file has one JSON row per question in question order with a `completion` field,
-which is exactly what `orpo-distill score --predictions` reads, so re-scoring it gives the same accuracy.
+and the question's `id`, which is exactly what `orpo-distill score --predictions` reads
+(`tasks.scoring.read_predictions`), so re-scoring it gives the same accuracy.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ class EvalResult:
     """Accuracy of one model on one list of questions, with every prediction.
 
     `predictions[i]` belongs to `questions[i]`: `id`, `gold`, `completion` (the graded text; for majority vote
-    the first sample that gave the voted answer, so re-scoring the file reproduces `accuracy`), `answer`
+    a sample that gave the voted answer, so re-scoring the file reproduces `accuracy`), `answer`
     (the extracted answer, None when unparsed), `verdict`; for majority vote also `votes` (answer -> count)
     and `samples` (each sample's `completion`, `answer`, `verdict`).
     """
@@ -64,7 +65,8 @@ def majority_vote(grades: Sequence[Grade]) -> tuple[int | None, dict[str, int]]:
     """The index of the sample whose answer wins the vote, and the vote counts.
 
     Only parsed samples (answer not None, verdict not "unparsed") vote. The winner has the most votes; a tie
-    goes to the answer seen first in sample order. Returns (None, {}) when no sample parsed.
+    goes to the answer seen first in sample order. The index is the first sample with the winning answer (a
+    "correct" one if any). Returns (None, {}) when no sample parsed.
     """
     counts: dict[str, int] = {}
     first: dict[str, int] = {}
@@ -77,6 +79,11 @@ def majority_vote(grades: Sequence[Grade]) -> tuple[int | None, dict[str, int]]:
         return None, {}
     # max over (votes, -first index): most votes, then earliest first appearance.
     winner = max(counts, key=lambda a: (counts[a], -first[a]))
+    # The representative sample: the first with the winning answer, preferring a "correct" one (a sample that
+    # states the gold answer but also another one grades "wrong" with the same extracted answer).
+    for i, g in enumerate(grades):
+        if g.answer == winner and g.verdict == "correct":
+            return i, counts
     return first[winner], counts
 
 
@@ -197,24 +204,6 @@ def write_metrics(path: str | os.PathLike[str], result: EvalResult) -> Path:
     p = Path(path)
     _atomic_write_text(p, json.dumps(result.metrics(), indent=2, ensure_ascii=False) + "\n")
     return p
-
-
-def read_predictions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of a predictions JSONL file; a bad row is an error naming file and line."""
-    p = Path(path)
-    rows: list[dict[str, Any]] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, Mapping) or not isinstance(row.get("completion"), str):
-                raise ValueError(f"{p}:{lineno}: field 'completion' missing or not a string")
-            rows.append(dict(row))
-    return rows
 
 
 def run_eval(model: ModelConfig, task_cfg: TaskConfig, out_dir: str | os.PathLike[str] | None, *,

@@ -61,7 +61,9 @@ PAPER_RESULTS: dict[str, dict[str, tuple[float | None, ...]]] = {
 }
 _PAPER_COLUMNS = ("medqa", "arc_challenge", "strategyqa", "openbookqa", "gsm8k")
 
-POOL_SOURCES = ("current", "initial", "teacher")  # shares of a negative pool, stacked in this order
+# Where a question's negatives came from, stacked in this order: the student being trained, an earlier epoch's
+# student (the policy's fallback for initial-drawn questions), the initial student, the teacher's wrong traces.
+POOL_SOURCES = ("current", "older", "initial", "teacher")
 _DASH = "—"
 
 
@@ -118,6 +120,25 @@ def _fmt_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_fmt_value(x) for x in v) + "]"
     return str(v)
+
+
+def pool_makeup(pool: Mapping[str, Any]) -> dict[str, Any]:
+    """A negative pool's make-up as shares of the questions that got negatives, per source (POOL_SOURCES),
+    plus `none` (questions without a negative) and `mean_age`.
+
+    Accepts the results schema (`{"current": share, "initial": share, "teacher": share, "none": count,
+    "mean_age": ...}`) or the policy's per-epoch `PoolStats.as_dict()` (`from_current`, ..., `no_negatives`).
+    """
+    if any(f"from_{s}" in pool for s in POOL_SOURCES):
+        counts = {s: float(pool.get(f"from_{s}") or 0) for s in POOL_SOURCES}
+        total = sum(counts.values())
+        out: dict[str, Any] = {s: (c / total if total else 0.0) for s, c in counts.items()}
+        out["none"] = pool.get("no_negatives")
+    else:
+        out = {s: pool.get(s) for s in POOL_SOURCES}
+        out["none"] = pool.get("none")
+    out["mean_age"] = pool.get("mean_age")
+    return out
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -251,10 +272,11 @@ def _aggregate_epochs(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[d
         accs = [float(r["accuracy"]) for r in rows if isinstance(r.get("accuracy"), (int, float))]
         if len(accs) > 1:
             agg["accuracy_std"] = _mean_std(accs)[1]
-        pools = [r["pool"] for r in rows if isinstance(r.get("pool"), Mapping)]
+        pools = [pool_makeup(r["pool"]) for r in rows if isinstance(r.get("pool"), Mapping)]
         if pools:
             pkeys = dict.fromkeys(k for p in pools for k in p)
-            agg["pool"] = {k: _mean_of([p.get(k) for p in pools]) for k in pkeys}
+            agg["pool"] = {k: _mean_of([p.get(k) for p in pools]) for k in pkeys if any(
+                p.get(k) is not None for p in pools)}
         agg["n_seeds"] = len(rows)
         out.append(agg)
     return out
@@ -311,9 +333,12 @@ def _details_table(results: Mapping[str, Any]) -> str:
 def _epochs_table(results: Mapping[str, Any]) -> str | None:
     variants = results["variants"]
     rows = []
+    pools_seen = [pool_makeup(ep["pool"]) for v in variants.values() for ep in v.get("per_epoch") or []
+                  if isinstance(ep.get("pool"), Mapping)]
+    sources = [s for s in POOL_SOURCES if s != "older" or any(p.get("older") for p in pools_seen)]
     for v in ordered_variants(list(variants)):
         for ep in variants[v].get("per_epoch") or []:
-            pool = ep.get("pool") or {}
+            pool = pool_makeup(ep["pool"]) if isinstance(ep.get("pool"), Mapping) else {}
 
             def share(k: str, pool: Mapping[str, Any] = pool) -> str:
                 x = pool.get(k)
@@ -326,12 +351,12 @@ def _epochs_table(results: Mapping[str, Any]) -> str | None:
             rows.append([variant_label(v), str(ep["epoch"]),
                          f"{100 * float(acc):.2f}" if isinstance(acc, (int, float)) else _DASH,
                          f"{float(loss):.4f}" if isinstance(loss, (int, float)) else _DASH,
-                         share("current"), share("initial"), share("teacher"),
+                         *[share(src) for src in sources],
                          _fmt_value(none) if none is not None else _DASH,
                          f"{float(age):.2f}" if isinstance(age, (int, float)) else _DASH])
     if not rows:
         return None
-    return _md_table(["setting", "epoch", "accuracy %", "loss", "neg. current", "neg. initial", "neg. teacher",
+    return _md_table(["setting", "epoch", "accuracy %", "loss", *[f"neg. {src}" for src in sources],
                       "no negative", "mean neg. age"], rows)
 
 
@@ -500,19 +525,23 @@ def plot_negative_pool(results: Mapping[str, Any], path: str | os.PathLike[str])
     variants = results["variants"]
     series = {}
     for v in ordered_variants(list(variants)):
-        eps = [ep for ep in variants[v].get("per_epoch") or [] if isinstance(ep.get("pool"), Mapping)]
+        eps = [{"epoch": ep["epoch"], "pool": pool_makeup(ep["pool"])} for ep in variants[v].get("per_epoch") or []
+               if isinstance(ep.get("pool"), Mapping)]
         if eps:
             series[v] = eps
     if not series:
         return None
-    src_colors = {"current": "#d62728", "initial": "#1f77b4", "teacher": "#7f7f7f"}
-    src_labels = {"current": "current student", "initial": "initial student", "teacher": "teacher"}
+    src_colors = {"current": "#d62728", "older": "#ff9896", "initial": "#1f77b4", "teacher": "#7f7f7f"}
+    src_labels = {"current": "current student", "older": "earlier epoch's student", "initial": "initial student",
+                  "teacher": "teacher"}
+    sources = [s for s in POOL_SOURCES if s != "older" or any(ep["pool"].get("older") for eps in series.values()
+                                                               for ep in eps)]
     fig = Figure(figsize=(max(4.0, 3.6 * len(series)), 4.0))
     axes = fig.subplots(1, len(series), squeeze=False, sharey=True)[0]
     for ax, (v, eps) in zip(axes, series.items(), strict=True):
         xs = [ep["epoch"] for ep in eps]
         bottom = [0.0] * len(eps)
-        for src in POOL_SOURCES:
+        for src in sources:
             vals = [100 * float(ep["pool"].get(src) or 0.0) for ep in eps]
             ax.bar(xs, vals, bottom=bottom, color=src_colors[src], label=src_labels[src], edgecolor="white",
                    linewidth=0.5)
@@ -528,7 +557,7 @@ def plot_negative_pool(results: Mapping[str, Any], path: str | os.PathLike[str])
         ax.set_ylim(0, 112)
     axes[0].set_ylabel("share of questions' negatives (%)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=len(sources), fontsize=8, frameon=False)
     fig.suptitle(f"{_title(results)}\nwhere each epoch's rejected traces came from", fontsize=10)
     fig.subplots_adjust(bottom=0.25, top=0.8)
     return _save(fig, Path(path))
