@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .config import ConfigError, config_reference, dump_config, load_config
 
@@ -28,12 +29,65 @@ def cmd_config(args: argparse.Namespace) -> int:
 def _parse_fields(items: list[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
+        last = None
         for part in item.split(","):
             if "=" not in part:
+                if last is not None:  # options=A,B,C,D: several columns hold the options
+                    out[last] += "," + part.strip()
+                    continue
                 raise ConfigError(f"--fields {part!r} must look like ours=yours (e.g. question=prompt)")
             k, v = part.split("=", 1)
-            out[k.strip()] = v.strip()
+            last = k.strip()
+            out[last] = v.strip()
     return out
+
+
+def _task_from_args(args: argparse.Namespace) -> Any:
+    from .config import DataSplit, TaskConfig
+
+    return TaskConfig(name=args.task, kind=args.kind, grader=args.grader, fields=_parse_fields(args.fields),
+                      skip_invalid=args.skip_invalid, test=DataSplit(path=args.data, split=args.split))
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from .tasks.show import score_file
+
+    try:
+        summary = score_file(_task_from_args(args), args.predictions, out=args.out)
+    except ValueError as e:  # bad data, predictions or task: a message naming file, line and field
+        raise ConfigError(str(e)) from e
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
+
+
+def cmd_show_prompt(args: argparse.Namespace) -> int:
+    from .tasks.show import show_prompt
+
+    try:
+        text = show_prompt(_task_from_args(args), args.index, model=args.model, template=args.template,
+                           system_prompt=args.system_prompt, raw=args.raw)
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e)) from e
+    print(text, end="")
+    return 0
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="built-in task (gsm8k, arc_challenge, openbookqa, medqa, strategyqa, "
+                                                 "commonsenseqa, synthetic) or a kind (multiple_choice, numeric, "
+                                                 "yes_no, exact, custom) or your own name with --kind")
+    p.add_argument("--data", default=None, help="JSONL/JSON/CSV/Parquet file, dataset folder or hub name "
+                                                "(default: a built-in task's hub dataset)")
+    p.add_argument("--split", default=None, help="split inside a dataset folder or hub dataset (default: test)")
+    p.add_argument("--kind", default="auto", choices=["auto", "multiple_choice", "numeric", "yes_no", "exact",
+                                                      "custom"], help="grading kind for your own task name")
+    p.add_argument("--grader", default=None, help="module:function (or file.py:function) for --kind custom")
+    p.add_argument("--fields", action="extend", nargs="+", metavar="OURS=YOURS",
+                   help="map our field names (question, options, answer, id, rationale) to the file's, e.g. "
+                        "question=prompt answer=label, or options=A,B,C,D for option columns")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted) instead of failing")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -108,6 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where the cross-run report goes (default: ./report; with one DIR "
                                                "and no --out the run's own results.md and plots/ are rewritten)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("score", help="grade a predictions JSONL (a `completion` per row, in data order); prints "
+                                     "one JSON line: accuracy, n, correct, wrong, unparsed")
+    _add_task_args(p)
+    p.add_argument("--predictions", required=True, help="JSONL with a `completion` field per row")
+    p.add_argument("--out", default=None, help="also write one graded JSON row per question here")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("show-prompt", help="the exact prompt of one question and the task's answer line")
+    _add_task_args(p)
+    p.add_argument("--index", type=int, default=0, help="0-based position of the question in the data")
+    p.add_argument("--model", default=None, help="render with this model's tokenizer (its chat template); "
+                                                 "without it: the plain template for base models")
+    p.add_argument("--template", choices=["auto", "chat", "plain"], default="auto")
+    p.add_argument("--system-prompt", default=None, help="system message for chat templates")
+    p.add_argument("--raw", action="store_true", help="print only the prompt, byte for byte")
+    p.set_defaults(func=cmd_show_prompt)
 
     return ap
 
