@@ -792,6 +792,23 @@ def best_cell(cells: Sequence[Mapping[str, Any]]) -> int:
     return best
 
 
+def chosen_cells(cells: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The chosen cell index per variant (`best_cell` within each variant's cells; key "" when cells name no
+    variant). Variants whose cells have no validation accuracy get no choice; none at all is an error."""
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(cells):
+        groups.setdefault(str(c["variant"]) if "variant" in c else "", []).append(i)
+    chosen: dict[str, int] = {}
+    for v, idx in groups.items():
+        try:
+            chosen[v] = idx[best_cell([cells[i] for i in idx])]
+        except ValueError:
+            continue
+    if not chosen:
+        best_cell([])  # raises the explanatory error
+    return chosen
+
+
 def sweep_table(cells: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: one row per cell (its overridden keys, validation and test accuracy as mean ± std over seeds),
     the best cell on validation marked. Each cell: `{"overrides": {key: value}, "validation": [acc per seed],
@@ -801,20 +818,7 @@ def sweep_table(cells: Sequence[Mapping[str, Any]]) -> str:
         raise ValueError("sweep_table: no cells")
     keys = list(dict.fromkeys(k for c in cells for k in (c.get("overrides") or {})))
     has_variant = any("variant" in c for c in cells)
-    best: set[int] = set()
-    if has_variant:
-        by_v: dict[str, list[int]] = {}
-        for i, c in enumerate(cells):
-            by_v.setdefault(str(c.get("variant")), []).append(i)
-        for idx in by_v.values():
-            try:
-                best.add(idx[best_cell([cells[i] for i in idx])])
-            except ValueError:
-                pass
-        if not best:
-            best_cell([])  # raise the explanatory error
-    else:
-        best.add(best_cell(cells))
+    best = set(chosen_cells(cells).values())
 
     def fmt(xs: Any) -> str:
         st = _cell_stats(xs)
@@ -844,7 +848,7 @@ def write_sweep_report(out_dir: str | os.PathLike[str], cells: Sequence[Mapping[
 
     out_dir = Path(out_dir)
     table = sweep_table(cells)
-    chosen = best_cell(cells) if not any("variant" in c for c in cells) else None
+    chosen = chosen_cells(cells)
     labels = []
     for c in cells:
         ov = ", ".join(f"{k}={_fmt_value(v)}" for k, v in (c.get("overrides") or {}).items())
@@ -856,8 +860,9 @@ def write_sweep_report(out_dir: str | os.PathLike[str], cells: Sequence[Mapping[
         xs = [i - 0.2 + 0.4 * j for i in range(len(cells))]
         ax.bar(xs, [100 * s[0] if s else 0.0 for s in stats], width=0.38,
                yerr=[100 * s[1] if s else 0.0 for s in stats], capsize=3, color=color, label=split)
-    if chosen is not None:
-        ax.axvspan(chosen - 0.5, chosen + 0.5, color="gold", alpha=0.25, label="chosen on validation")
+    for k, i in enumerate(sorted(chosen.values())):
+        ax.axvspan(i - 0.5, i + 0.5, color="gold", alpha=0.3, zorder=0,
+                   label="chosen on validation" if k == 0 else None)
     ax.set_xticks(range(len(cells)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=8, frameon=False)
@@ -870,7 +875,8 @@ def write_sweep_report(out_dir: str | os.PathLike[str], cells: Sequence[Mapping[
                            "validation accuracy; test accuracy is reported, never used to choose.\n\n"
                            f"![sweep]({plot.relative_to(out_dir).as_posix()})\n")
     js = out_dir / "sweep.json"
-    _atomic_write_text(js, json.dumps({"cells": list(cells), "chosen": chosen}, indent=2, default=str) + "\n")
+    _atomic_write_text(js, json.dumps({"cells": list(cells), "chosen": chosen.get("") if list(chosen) == [""]
+                                       else chosen}, indent=2, default=str) + "\n")
     return [md, js, plot]
 
 
