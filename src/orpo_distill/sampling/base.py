@@ -43,5 +43,35 @@ class Generator(Protocol):
     revision: str  # weights identity: hub revision, checkpoint path + step, or a hash
 
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[Completion]]:
-        """`params.n` completions for each user message in `prompts`, in order."""
+        """`params.n` completions for each user message in `prompts`, in order.
+
+        The backends of this package also accept `sample_indices=[[i, ...], ...]` (one list per prompt): produce
+        exactly those sample indices (default `range(params.n)`), so that a resumed run samples only what the
+        store lacks and sample i is the same whichever others are asked for.
+        """
         ...
+
+
+def sample_seed(seed: int, prompt: str, sample_index: int) -> int:
+    """A 64-bit seed for ONE sample: a function of the run seed, the user message and the sample index only.
+
+    Backends that can seed each sample (transformers here, vLLM per request, OpenAI-compatible servers that honour
+    `seed`) derive its random stream from this, so a sample does not depend on which other prompts share its batch,
+    on the batch size, or on whether the run was interrupted and resumed.
+    """
+    import hashlib
+
+    h = hashlib.sha256(f"{int(seed)}\x00{int(sample_index)}\x00{prompt}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class GenerationFailed(RuntimeError):
+    """A backend gave up (for example the endpoint stayed down after every retry).
+
+    `partial[i]` holds the completions obtained for prompt i before giving up (None for prompts that failed), so
+    the caller can keep the work already paid for. The message never contains credentials.
+    """
+
+    def __init__(self, message: str, partial: list[list[Completion] | None] | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial or []

@@ -1,0 +1,322 @@
+"""The sampling stage: sample what the trace store lacks, grade it, filter near-duplicates, write it at once.
+
+`sample_to_store` computes the content key of every (question, sample index) it is asked for, skips the keys the
+store already has, asks the generator for the rest in fixed chunks of consecutive questions (the same chunks on
+every run, so a resumed run equals an uninterrupted one), grades each completion with the task, applies the
+ROUGE-L diversity filter to teacher traces, and writes each chunk in one transaction as soon as it exists. When
+the backend gives up (an endpoint that stays down), what was obtained is written first and `SamplingAborted`
+explains how to resume. `make_generator` builds a backend from a `ModelConfig`; `run_traces` is what the
+`orpo-distill traces teacher|student` commands call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..store import Trace, TraceStore, trace_key
+from .base import Completion, GenerationFailed, Generator, SamplingParams
+from .diversity import rouge_l_f1_tokens, rouge_tokens
+
+
+class SamplingAborted(RuntimeError):
+    """Sampling stopped early; everything obtained before that is in the store. The message says how to resume."""
+
+    def __init__(self, message: str, report: SampleReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class SampleReport:
+    requested: int  # (question, sample index) keys asked for
+    existing: int  # of those, already in the store before this call
+    sampled: int  # traces written by this call
+    errors: int  # failed requests/attempts during this call (retried or not), out-of-memory retries included
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    cost_usd: float
+    dropped: int = 0  # new teacher traces marked kept=False by the diversity filter
+    failed_prompts: int = 0  # prompts the backend could not answer (not written; a re-run retries them)
+
+    def summary(self) -> str:
+        rate = self.sampled / self.seconds if self.seconds > 0 else 0.0
+        tok_rate = self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+        return (f"{self.requested} traces requested: {self.existing} already in the store, {self.sampled} sampled "
+                f"({rate:.2f} traces/s, {tok_rate:.1f} tokens/s) in {self.seconds:.1f} s; "
+                f"{self.dropped} dropped as near-duplicates; {self.errors} request errors; "
+                f"{self.failed_prompts} prompts failed; tokens: {self.prompt_tokens} prompt + "
+                f"{self.completion_tokens} completion; cost ${self.cost_usd:.4f}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _accepts_indices(generator: Generator) -> bool:
+    try:
+        return "sample_indices" in inspect.signature(generator.generate).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _usage(generator: Generator) -> tuple[int, int] | None:
+    u = getattr(generator, "usage", None)
+    if isinstance(u, dict):
+        return int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0))
+    return None
+
+
+def sample_to_store(generator: Generator, task, questions: Sequence, params: SamplingParams, store: TraceStore, *,
+                    role: str, source: str, checkpoint: str | None = None, rouge_threshold: float | None = None,
+                    progress: bool = True, desc: str | None = None,
+                    chunk_prompts: int | None = None) -> SampleReport:
+    """Sample the missing traces of `questions` (params.n each) into `store`; see the module docstring."""
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+    if not (source in ("teacher", "initial") or (source.startswith("epoch:") and source[6:].isdigit())):
+        raise ValueError(f"source must be 'teacher', 'initial' or 'epoch:E', got {source!r}")
+    t0 = time.perf_counter()
+    model_id, revision = generator.model_id, generator.revision
+    messages = [task.user_message(q) for q in questions]
+    keys = [[trace_key(role, model_id, revision, source, m, params, i) for i in range(params.n)] for m in messages]
+    have = store.existing_keys(k for ks in keys for k in ks)
+    seen: set[str] = set(have)
+    missing: list[list[int]] = []
+    for ks in keys:  # a key asked for twice (a repeated question) is sampled once
+        idx = [i for i, k in enumerate(ks) if k not in seen]
+        seen.update(ks[i] for i in idx)
+        missing.append(idx)
+    report = SampleReport(requested=sum(len(ks) for ks in keys), existing=sum(k in have for ks in keys for k in ks),
+                          sampled=0, errors=0, prompt_tokens=0, completion_tokens=0, seconds=0.0, cost_usd=0.0)
+    todo_prompts = sum(1 for m in missing if m)
+    chunk = int(chunk_prompts or getattr(generator, "chunk_prompts", 16) or 16)
+    cost_in = float(getattr(generator, "cost_per_1k_input", 0.0) or 0.0)
+    cost_out = float(getattr(generator, "cost_per_1k_output", 0.0) or 0.0)
+    indexed = _accepts_indices(generator)
+    err0 = int(getattr(generator, "error_count", 0))
+    usage0 = _usage(generator)
+    status = "ok"
+    bar = None
+    if progress and todo_prompts:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=todo_prompts, unit="prompt", desc=desc or f"{role} {source}", dynamic_ncols=True)
+
+    def account(comps: list[list[Completion]]) -> None:
+        now_usage = _usage(generator)
+        if usage0 is not None and now_usage is not None:
+            report.prompt_tokens = now_usage[0] - usage0[0]
+            report.completion_tokens = now_usage[1] - usage0[1]
+        else:
+            report.prompt_tokens += sum(c[0].prompt_tokens for c in comps if c)
+            report.completion_tokens += sum(x.n_tokens for c in comps for x in c)
+        report.errors = int(getattr(generator, "error_count", 0)) - err0
+        report.cost_usd = report.prompt_tokens / 1000 * cost_in + report.completion_tokens / 1000 * cost_out
+
+    try:
+        # Chunks are cut from the FULL question list, so a resumed run forms exactly the chunks of a fresh one.
+        for c0 in range(0, len(questions), chunk):
+            todo = [qi for qi in range(c0, min(c0 + chunk, len(questions))) if missing[qi]]
+            if not todo:
+                continue
+            failure: GenerationFailed | None = None
+            try:
+                if indexed:
+                    got = generator.generate([messages[qi] for qi in todo], params,
+                                             sample_indices=[missing[qi] for qi in todo])
+                else:
+                    full = generator.generate([messages[qi] for qi in todo], params)
+                    got = [[f[i] for i in missing[qi]] if len(f) == params.n else [] for qi, f in zip(todo, full)]
+            except GenerationFailed as e:
+                failure = e
+                got = [p if p is not None else [] for p in (e.partial or [])]
+                got += [[] for _ in range(len(todo) - len(got))]
+            comps_by_q: list[list[Completion]] = []
+            new: list[Trace] = []
+            for qi, comps in zip(todo, got):
+                if len(comps) != len(missing[qi]):
+                    report.failed_prompts += 1
+                    comps_by_q.append([])
+                    continue
+                comps_by_q.append(comps)
+                new.extend(_make_traces(task, questions[qi], messages[qi], keys[qi], missing[qi], comps, params,
+                                        role=role, source=source, model_id=model_id, revision=revision,
+                                        checkpoint=checkpoint))
+            if role == "teacher" and rouge_threshold is not None:
+                new = _apply_diversity(new, store, keys, todo, missing, rouge_threshold)
+                report.dropped += sum(not t.kept for t in new)
+            report.sampled += store.add(new)  # one transaction: the whole chunk or nothing
+            account(comps_by_q)
+            if bar is not None:
+                bar.update(len(todo))
+                el = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix({"traces/s": f"{report.sampled / el:.2f}",
+                                 "tok/s": f"{report.completion_tokens / el:.1f}", "errors": report.errors},
+                                refresh=False)
+            if failure is not None:
+                status = "aborted"
+                report.seconds = time.perf_counter() - t0
+                raise SamplingAborted(
+                    f"{failure}\nSampling stopped: {report.sampled} new traces were written before that "
+                    f"({report.existing} were already there) and are kept in {store.path}; "
+                    f"{report.requested - report.existing - report.sampled} are still missing. "
+                    "Run the same command again to sample only what is missing.", report) from None
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        report.seconds = time.perf_counter() - t0
+        if report.sampled or report.errors or status != "ok":
+            store.add_run(role=role, source=source, model_id=model_id, revision=revision,
+                          requested=report.requested, existing=report.existing, sampled=report.sampled,
+                          errors=report.errors, prompt_tokens=report.prompt_tokens,
+                          completion_tokens=report.completion_tokens, seconds=report.seconds,
+                          cost_usd=report.cost_usd, status=status)
+    return report
+
+
+def _make_traces(task, q, message: str, keys: list[str], indices: list[int], comps: list[Completion],
+                 params: SamplingParams, *, role: str, source: str, model_id: str, revision: str,
+                 checkpoint: str | None) -> list[Trace]:
+    p = params.as_dict()
+    p.pop("n")
+    now = time.time()
+    out = []
+    for i, c in zip(indices, comps):
+        g = task.grade(q, c.text)
+        out.append(Trace(key=keys[i], question_id=str(q.id), role=role, source=source, model_id=model_id,
+                         revision=revision, checkpoint=checkpoint, sample_index=i, seed=params.seed, params=p,
+                         prompt=message, completion=c.text, n_tokens=int(c.n_tokens),
+                         prompt_tokens=int(c.prompt_tokens), finish_reason=c.finish_reason,
+                         latency_s=float(c.latency_s), answer=g.answer, verdict=g.verdict, kept=True,
+                         created_at=now))
+    return out
+
+
+def _apply_diversity(new: list[Trace], store: TraceStore, keys: list[list[str]], todo: list[int],
+                     missing: list[list[int]], threshold: float) -> list[Trace]:
+    """Mark near-duplicates kept=False, per question in sample-index order, against kept traces of the same
+    question and verdict with a lower index (stored earlier or new in this chunk). Comparing within a verdict
+    means a correct trace is never dropped for resembling a wrong one (ours)."""
+    import dataclasses
+
+    by_key = {t.key: t for t in new}
+    out: dict[str, Trace] = {}
+    for qi in todo:
+        present = [keys[qi][i] for i in range(len(keys[qi])) if i not in set(missing[qi])]
+        earlier = {t.sample_index: t for t in store.get(present)} if present else {}
+        kept: dict[str, list[list[str]]] = {}
+        for i in range(len(keys[qi])):
+            t = by_key.get(keys[qi][i]) if i in missing[qi] else earlier.get(i)
+            if t is None:
+                continue
+            toks = rouge_tokens(t.completion)
+            if t.key in by_key:
+                keep = all(rouge_l_f1_tokens(toks, k) <= threshold for k in kept.get(t.verdict, []))
+                out[t.key] = t if keep else dataclasses.replace(t, kept=False)
+            else:
+                keep = t.kept
+            if keep:
+                kept.setdefault(t.verdict, []).append(toks)
+    return [out.get(t.key, t) for t in new]
+
+
+# -- building generators from the config ----------------------------------------------------------------------
+
+def _fingerprint(path: Path) -> str:
+    """A cheap content fingerprint of a local model folder or file: names, sizes and the first and last MiB of
+    weights, config and tokenizer files (enough to tell two checkpoints apart without hashing gigabytes)."""
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".gguf", ".json", ".jinja",
+                                                                   ".model", ".txt")))
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\x00{size}\x00".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def model_identity(cfg, *, checkpoint: str | None = None, model: Any = None) -> tuple[str, str]:
+    """(model_id, revision) recorded with every trace and part of its key.
+
+    revision: the configured `revision`; else a content fingerprint of a local folder/checkpoint; else the hub
+    commit transformers resolved; else "unpinned". A non-default prompt format (template, system prompt) is
+    appended, because it changes what the model writes and must not reuse traces sampled without it.
+    """
+    model_id = cfg.model + (f"::{cfg.gguf_file}" if cfg.gguf_file else "")
+    local = Path(checkpoint or cfg.model)
+    if cfg.revision and not checkpoint:
+        rev = cfg.revision
+    elif checkpoint or (cfg.model and local.exists()):
+        rev = ("ckpt:" if checkpoint else "local:") + _fingerprint(local)
+    else:
+        rev = getattr(getattr(model, "config", None), "_commit_hash", None) or "unpinned"
+    if cfg.template != "auto" or cfg.system_prompt:
+        fmt = hashlib.sha256(f"{cfg.template}\x00{cfg.system_prompt or ''}".encode()).hexdigest()[:12]
+        rev += f"+fmt:{fmt}"
+    return model_id, rev
+
+
+def make_generator(cfg, *, checkpoint: str | None = None, revision: str | None = None,
+                   **kwargs: Any) -> Generator:
+    """A generator for `cfg.backend`: "hf" (transformers, in-process), "openai" (OpenAI-compatible HTTP),
+    "vllm" (vLLM offline engine). `checkpoint` loads a student checkpoint folder instead of `cfg.model`."""
+    if cfg.backend == "hf":
+        from .hf import HFGenerator
+
+        return HFGenerator.from_config(cfg, checkpoint=checkpoint, revision=revision, **kwargs)
+    if cfg.backend == "openai":
+        if checkpoint:
+            raise ValueError("backend: openai samples a served model; it cannot load a checkpoint folder")
+        from .openai_api import OpenAIGenerator
+
+        return OpenAIGenerator.from_config(cfg, revision=revision, **kwargs)
+    if cfg.backend == "vllm":
+        from .vllm_engine import VLLMGenerator
+
+        return VLLMGenerator.from_config(cfg, checkpoint=checkpoint, revision=revision, **kwargs)
+    raise ValueError(f"unknown backend {cfg.backend!r}; use hf, openai or vllm")
+
+
+def params_from_config(cfg, role: str) -> SamplingParams:
+    """Sampling settings of a run for the teacher (k traces) or the student (student_k, default k)."""
+    s = cfg.sampling
+    n = s.k if role == "teacher" else (s.student_k or s.k)
+    return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                          stop=tuple(s.stop), seed=s.seed)
+
+
+def store_path(cfg) -> Path:
+    return Path(cfg.run.out_dir) / "traces.sqlite"
+
+
+def run_traces(cfg, which: str, *, progress: bool = True, generator: Generator | None = None) -> SampleReport:
+    """`orpo-distill traces teacher|student`: sample the teacher's (source "teacher", diversity filter on) or the
+    initial student's (source "initial") traces of the train split into `<run.out_dir>/traces.sqlite`."""
+    from ..tasks import load_questions, load_task
+
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    task = load_task(cfg.task)
+    questions = load_questions(cfg.task, "train")
+    mcfg = cfg.teacher if which == "teacher" else cfg.student
+    params = params_from_config(cfg, which)
+    gen = generator or make_generator(mcfg)
+    with TraceStore(store_path(cfg)) as store:
+        return sample_to_store(gen, task, questions, params, store, role=which,
+                               source="teacher" if which == "teacher" else "initial",
+                               rouge_threshold=cfg.sampling.rouge_threshold if which == "teacher" else None,
+                               progress=progress, desc=f"{which} traces")
