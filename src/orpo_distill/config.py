@@ -180,6 +180,8 @@ class EvalConfig(_Section):
 
 class RunConfig(_Section):
     out_dir: str = Field("runs/default", description="everything the run writes lives here")
+    store: str | None = Field(None, description="trace store file (default `<out_dir>/traces.sqlite`); runs that "
+                                                "share one never sample the same trace twice")
     seed: int = 0
     seeds: int = Field(1, ge=1, description="train and evaluate each variant with this many seeds")
     variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS))
