@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, config_reference, dump_config, load_config
@@ -125,9 +126,77 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import MissingTraces, run_train, summarize
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        results = run_train(cfg, variants=args.variant, seeds=args.seed, progress=not args.no_progress)
+    except MissingTraces as e:  # the message names the `orpo-distill traces ...` command to run
+        raise ConfigError(str(e)) from e
+    for r in results:
+        print(summarize(r))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import parse_sweep, run, run_sweep
+    from .report import render_results_md
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"run.out_dir={args.out}")
+    if args.seeds:
+        overrides.append(f"run.seeds={args.seeds}")
+    cfg = load_config(args.config, overrides)
+    try:
+        if args.sweep:
+            run_sweep(cfg, parse_sweep(args.sweep), progress=not args.no_progress)
+            print((Path(cfg.run.out_dir) / "sweep.md").read_text(encoding="utf-8"), end="")
+            return 0
+        results = run(cfg, progress=not args.no_progress)
+    except _STAGE_ERRORS() as e:
+        raise ConfigError(str(e)) from e
+    print(render_results_md(results, []), end="")
+    print(f"wrote {Path(cfg.run.out_dir) / 'results.json'}, results.md and plots/")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .pipeline import run_demo
+
+    run_demo(args.out, quick=args.quick, overrides=args.overrides, progress=not args.no_progress)
+    return 0
+
+
+def _STAGE_ERRORS() -> tuple[type[BaseException], ...]:
+    """Errors of the stages that are the user's to fix (bad data, missing traces): shown as one message."""
+    from .tasks import TaskDataError
+    from .train import MissingTraces
+
+    return (TaskDataError, MissingTraces)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="orpo-distill", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the whole pipeline: traces, every variant x seed, results table and plots "
+                                   "(each stage resumes and is skipped when done)")
+    _add_config_args(p)
+    p.add_argument("--out", default=None, help="output directory (run.out_dir)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (run.seeds)")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
+                   help="a grid, e.g. --sweep objective.lam=0.1,1 policy.phi=0,0.5,1; best cell chosen on validation")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="the offline demo: tiny teacher and student, every variant, the results table")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--quick", action="store_true", help="fewer questions and one seed (about a minute)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", help="print the resolved config (`show`) or the reference of every key")
     p.add_argument("what", choices=["show", "reference"])
@@ -156,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write DIR/predictions.jsonl and DIR/metrics.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train variants of a run from its stored traces (resumes; skips finished ones)")
+    _add_config_args(p)
+    p.add_argument("--variant", action="append", default=None, metavar="NAME",
+                   choices=["zero_shot", "sft_single", "sft_diverse", "orpo_teacher_neg", "orpo_off", "orpo_on",
+                            "orpo_mixed"],
+                   help="train only this variant (repeatable; default: run.variants): sft_single, sft_diverse, "
+                        "orpo_teacher_neg, orpo_off, orpo_on, orpo_mixed, zero_shot")
+    p.add_argument("--seed", action="append", type=int, default=None, metavar="N",
+                   help="train only this seed (repeatable; default: run.seed .. run.seed + run.seeds - 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("report", help="re-render a run's results.md and plots, or one table across several runs")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (each with results.json)")
