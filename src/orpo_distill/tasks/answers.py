@@ -28,18 +28,17 @@ _RUNON = re.compile(r"\n\s*Question\s*:|<\|im_end\|>|<\|eot_id\|>|<\|endoftext\|
 
 # "The answer is not 17" / "isn't (B)" deny an answer rather than give one ("not hungry" can be an option).
 _NOT = r"(?!n['’]t)(?!\s+not\s+(?:\(?[A-Za-z]\)?(?:[\s.,;)]|$)|[-+$€£]?\d|yes\b|no\b|true\b|false\b))"
-_MARKER = re.compile(
-    r"(?:\b(?:final|correct|right|best|true)\s+)?\banswer\b(?:\s+to\s+(?:this|the)\s+(?:question|problem))?"
-    r"[*\s]*(?:is\b" + _NOT
-    + r"|would\s+be\b|will\s+be\b|should\s+be\b|must\s+be\b|=|:)"
-    r"|\bfinal\s+answer\b"
-    r"|\b(?:correct|right|best)\s+(?:option|choice)\s*(?:is\b" + _NOT + r"|:)"
-    r"|####",
-    re.IGNORECASE,
-)
+# A marker is found from its keyword (str.find on the lower-cased text, far cheaper than a regex scan), then
+# checked with an anchored pattern; only its end matters, the answer follows it.
+_ANSWER_TAIL = re.compile(r"answer\b(?:\s+to\s+(?:this|the)\s+(?:question|problem))?[*\s]*(?:is\b" + _NOT
+                          + r"|would\s+be\b|will\s+be\b|should\s+be\b|must\s+be\b|=|:)")
+_CHOICE_TAIL = re.compile(r"(?:option|choice)\s*(?:is\b" + _NOT + r"|:)")
+_FINAL_BEFORE = re.compile(r"\bfinal\s$")  # "Final Answer\n(C)"
+_GRADED_BEFORE = re.compile(r"\b(?:correct|right|best)\s$")  # "the correct option is C"
 # The answer before its marker: "(C) is the correct answer", "18 is the final answer".
-_REVERSE = re.compile(r"([^\n.!?]{1,120}?)\s+(?:is|would\s+be|must\s+be)\s+(?:the\s+)?(?:correct|right|best|final)\s+"
-                      r"(?:answer|option|choice)\b", re.IGNORECASE)
+_REVERSE = re.compile(r"(?:correct|right|best|final)\s+(?:answer|option|choice)\b")  # on lower-cased text
+_REVERSE_BEFORE = re.compile(r"\s+(?:is|would\s+be|must\s+be)\s+(?:the\s+)?$")
+_SENTENCE_START = re.compile(r".*(?:[.!?]\s|\n)", re.DOTALL)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # A sentence ends at . ! ? followed by whitespace or the end (so "3.5" and "1,450.00" stay whole).
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
@@ -49,8 +48,40 @@ _SPAN_MAX = 300
 
 
 def strip_runon(completion: str) -> str:
+    if "Question" not in completion and "<" not in completion:
+        return completion
     m = _RUNON.search(completion)
     return completion[: m.start()] if m else completion
+
+
+def _lower(text: str) -> str:
+    """Lower case with every character kept at its index (a few characters lower-case to two)."""
+    low = text.lower()
+    return low if len(low) == len(text) else "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
+
+
+def _markers(low: str) -> list[tuple[int, int]]:
+    """(start, end) of every forward answer marker in lower-cased text: "the answer is", "Answer:", "####", ..."""
+    out: list[tuple[int, int]] = []
+    for kw in ("answer", "option", "choice", "####"):
+        p = low.find(kw)
+        while p >= 0:
+            if kw == "####":
+                out.append((p, p + 4))
+            elif p == 0 or not (low[p - 1].isalnum() or low[p - 1] == "_"):
+                before = low[max(0, p - 10): p]
+                if kw == "answer":
+                    m = _ANSWER_TAIL.match(low, p)
+                    if m:
+                        out.append((p, m.end()))
+                    elif _FINAL_BEFORE.search(before) and not low[p + 6: p + 7].isalnum():
+                        out.append((p, p + 6))
+                else:
+                    m = _CHOICE_TAIL.match(low, p)
+                    if m and _GRADED_BEFORE.search(before):
+                        out.append((p, m.end()))
+            p = low.find(kw, p + 1)
+    return out
 
 
 def _balanced(text: str, open_at: int) -> tuple[str, int]:
@@ -120,12 +151,20 @@ def answer_statements(completion: str) -> list[Statement]:
     for m in _BOXED.finditer(text):
         inner, _ = _balanced(text, m.end())
         found.append((m.start(), Statement(inner.strip(), inner.strip())))
-    for m in _MARKER.finditer(text):
-        line = unbox(_rest_of_line(text, m.end()))
-        found.append((m.start(), Statement(_sentence(line), line.rstrip(".!").strip())))
-    for m in _REVERSE.finditer(text):
-        pre = unbox(_clean_span(m.group(1))).strip()
-        found.append((m.end(1), Statement(pre, pre, reverse=True)))
+    low = _lower(text)
+    for start, end in _markers(low):
+        line = unbox(_rest_of_line(text, end))
+        found.append((start, Statement(_sentence(line), line.rstrip(".!").strip())))
+    for m in _REVERSE.finditer(low):
+        lead = _REVERSE_BEFORE.search(low, max(0, m.start() - 24), m.start())
+        if lead is None:
+            continue
+        # The answer is what precedes "is the correct answer" in its sentence (at most _SPAN_MAX characters).
+        before = text[max(0, lead.start() - _SPAN_MAX): lead.start()]
+        start = _SENTENCE_START.match(before)
+        pre = unbox(_clean_span(before[start.end():] if start else before)).strip()
+        if pre:
+            found.append((lead.start(), Statement(pre, pre, reverse=True)))
     found.sort(key=lambda t: t[0])
     return [st for _, st in reversed(found)]
 
