@@ -169,6 +169,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_traces(args: argparse.Namespace) -> int:
+    import json
+
+    from .sampling.stage import SamplingAborted, export_traces, run_traces, traces_stats
+    from .store import format_stats
+
+    try:
+        if args.what in ("teacher", "student"):
+            cfg = load_config(args.config, args.overrides)
+            try:
+                report = run_traces(cfg, args.what, progress=not args.no_progress)
+            except SamplingAborted as e:  # the endpoint stayed down: work so far is kept, say how to resume
+                print(f"orpo-distill: {e}", file=sys.stderr)
+                print(e.report.summary())
+                return 3
+            print(report.summary())
+        elif args.what == "stats":
+            stats = traces_stats(args.config, args.overrides)
+            print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
+        else:
+            n = export_traces(args.config, args.out, args.overrides)
+            print(f"wrote {n} traces to {args.out}")
+    except (*_STAGE_ERRORS(), ValueError, FileNotFoundError, ImportError) as e:
+        raise ConfigError(str(e)) from e
+    return 0
+
+
 def _STAGE_ERRORS() -> tuple[type[BaseException], ...]:
     """Errors of the stages that are the user's to fix (bad data, missing traces): shown as one message."""
     from .tasks import TaskDataError
@@ -197,6 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("traces", help="sample teacher / initial-student traces into the run's trace store, or "
+                                      "show its stats, or export it")
+    tsub = p.add_subparsers(dest="what", required=True)
+    for what, text in (("teacher", "sample the teacher's K traces per train question (only what the store lacks)"),
+                       ("student", "sample the initial student's traces per train question (source 'initial')")):
+        q = tsub.add_parser(what, help=text)
+        _add_config_args(q)
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        q.set_defaults(func=cmd_traces)
+    q = tsub.add_parser("stats", help="counts per role, correct/unparsed/duplicate rates, tokens and cost")
+    q.add_argument("config", metavar="CONFIG|STORE", help="a run config, or a traces.sqlite file")
+    q.add_argument("overrides", nargs="*", help="dotted overrides (with a config)")
+    q.add_argument("--json", action="store_true", help="print the stats as JSON")
+    q.set_defaults(func=cmd_traces)
+    q = tsub.add_parser("export", help="write every trace as JSON lines")
+    q.add_argument("config", metavar="CONFIG|STORE", help="a run config, or a traces.sqlite file")
+    q.add_argument("overrides", nargs="*", help="dotted overrides (with a config)")
+    q.add_argument("--out", required=True, help="the JSONL file to write")
+    q.set_defaults(func=cmd_traces)
 
     p = sub.add_parser("config", help="print the resolved config (`show`) or the reference of every key")
     p.add_argument("what", choices=["show", "reference"])

@@ -320,3 +320,35 @@ def run_traces(cfg, which: str, *, progress: bool = True, generator: Generator |
                                source="teacher" if which == "teacher" else "initial",
                                rouge_threshold=cfg.sampling.rouge_threshold if which == "teacher" else None,
                                progress=progress, desc=f"{which} traces")
+
+
+def resolve_store(target: str, overrides: Sequence[str] = ()) -> Path:
+    """The trace store a `traces stats|export` argument names: a store file itself, or a run config (its
+    `<run.out_dir>/traces.sqlite`)."""
+    from ..config import load_config
+
+    p = Path(target)
+    if p.is_file():
+        with p.open("rb") as f:
+            if f.read(16) == b"SQLite format 3\x00":
+                if overrides:
+                    raise ValueError(f"{target} is a trace store; overrides apply to a config file only")
+                return p
+    cfg = load_config(target, list(overrides))
+    path = store_path(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(f"no trace store at {path} (run.out_dir of {target}); run `orpo-distill traces "
+                                "teacher CONFIG` first")
+    return path
+
+
+def traces_stats(target: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """`orpo-distill traces stats CONFIG|STORE`: the store's counts, rates, tokens and cost."""
+    with TraceStore(resolve_store(target, overrides), readonly=True) as store:
+        return store.stats()
+
+
+def export_traces(target: str, out: str | Path, overrides: Sequence[str] = ()) -> int:
+    """`orpo-distill traces export CONFIG|STORE --out FILE.jsonl`: every trace as JSON lines; returns the count."""
+    with TraceStore(resolve_store(target, overrides), readonly=True) as store:
+        return store.export_jsonl(out)
