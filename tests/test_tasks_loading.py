@@ -210,6 +210,8 @@ def test_synthetic_task_goes_through_its_module():
     assert all(make_task("numeric").grade(q, q.rationale).verdict == "correct" for q in qs)
     with pytest.raises(TaskDataError, match="task.synthetic.bogus"):
         load_questions(TaskConfig(name="synthetic", synthetic={"bogus": 1}), "test")
+    with pytest.raises(TaskDataError, match="task.synthetic.bogus"):
+        load_task(TaskConfig(name="synthetic", synthetic={"bogus": 1}))
 
 
 def test_custom_grader_from_file_and_module(tmp_path, monkeypatch):

@@ -44,7 +44,10 @@ def _synthetic() -> Any:
 def load_task(cfg: Any) -> Task:
     """The Task a `TaskConfig` names. Raises TaskDataError for an unknown name/kind or a bad grader."""
     if cfg.name == "synthetic":
-        return _synthetic().SyntheticTask(cfg.synthetic)
+        try:
+            return _synthetic().SyntheticTask(cfg.synthetic)
+        except ValueError as e:  # bad `task.synthetic` options
+            raise TaskDataError(str(e)) from None
     try:
         return make_task(cfg.name, cfg.kind, cfg.grader)
     except ValueError as e:
