@@ -1,8 +1,9 @@
 """Finding the final answer in what a model wrote, per answer kind (letter, number, yes/no, free text).
 
 Every kind shares one rule for *where* the answer is: the last answer statement wins ("The answer is ...",
-"Final answer: ...", "Answer: ...", "#### ...", `\\boxed{...}`); its span runs from the marker to the end of that
-sentence or line, and the first clause of the span that names an answer decides (so "(B), not (C)" is B). Two
+"Final answer: ...", "Answer: ...", "#### ...", `\\boxed{...}`, "(C) is the correct answer"); its span runs from
+the marker to the end of that sentence or line (or, before a trailing marker, from the sentence start), and
+the first clause (last, before a trailing marker) of the span that names an answer decides (so "(B), not (C)" is B). Two
 different answers in that clause ("(B) or (C)", "17 or 18") make the completion wrong, not a guess. When no
 marker names an answer, a last line that is nothing but an answer ("(C)", "$18.", "Yes") counts; otherwise the
 completion is unparsed. Text after the plain template's next "\\nQuestion:" (a base model starting a new
@@ -167,11 +168,6 @@ def answer_statements(completion: str) -> list[Statement]:
             found.append((lead.start(), Statement(pre, pre, reverse=True)))
     found.sort(key=lambda t: t[0])
     return [st for _, st in reversed(found)]
-
-
-def answer_spans(completion: str) -> list[str]:
-    """The first sentence of every answer statement, last first."""
-    return [st.span for st in answer_statements(completion)]
 
 
 def last_line(completion: str) -> str:
