@@ -85,13 +85,13 @@ def load_questions(cfg: Any, split: Split, skip_invalid: bool | None = None,
             report.source, report.rows, report.loaded = f"synthetic:{split}", len(qs), len(qs)
         return qs
     task = load_task(cfg)
-    path, hub_config = ds.path, None
+    path, hub_config = ds.path, ds.subset
     if not path:
         hub = getattr(task, "hub", None)
         if hub is None:
             raise TaskDataError(f"task.{split}.path is not set: give a JSONL/JSON/CSV/Parquet file, a dataset "
                                 "folder or a hub dataset name")
-        path, hub_config = hub.name, hub.config
+        path, hub_config = hub.name, ds.subset or hub.config
     return load_questions_from(path, task, cfg.fields, limit=ds.limit, sample_seed=ds.sample_seed,
                                skip_invalid=cfg.skip_invalid if skip_invalid is None else skip_invalid,
                                split=ds.split or split, report=report, hub_config=hub_config)
