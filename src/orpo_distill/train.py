@@ -600,7 +600,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
     # -- 3. resume ------------------------------------------------------------------------------------------------
     state: dict[str, Any] = {"epoch": 1, "step_in_epoch": 0, "global_step": 0, "warmup_steps": None,
                              "total_steps": None, "history": [], "plan": None, "log_lines": None, "costs": costs,
-                             "sample_reports": sample_reports}
+                             "sample_reports": sample_reports, "epoch_sums": {}, "epoch_counts": {}}
     ckpt = latest_checkpoint(out / "checkpoints")
     if ckpt is not None:
         state = load_checkpoint(ckpt, model=raw_model, optimizer=optimizer, scaler=accelerator.scaler)
@@ -632,10 +632,11 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
             state["warmup_steps"] = math.ceil(tc.warmup_ratio * len(steps) * epochs)
         if state["step_in_epoch"] == 0:
             state["total_steps"] = state["global_step"] + len(steps) * (epochs - epoch + 1)
+            state["epoch_sums"], state["epoch_counts"] = {}, {}
         state["epoch"] = epoch
         model.train()
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        sums: dict[str, float] = state["epoch_sums"]  # this epoch's running metric sums (kept in checkpoints)
+        counts: dict[str, int] = state["epoch_counts"]
         bar = None
         if progress:
             from tqdm.auto import tqdm
