@@ -60,7 +60,7 @@ def test_clean_run_results_grading_usage_and_cost(tmp_path, clean_traces):
         msg = AddTask().user_message(qs[0])
         seed0 = sample_seed(P.seed, msg, 0) & 0x7FFFFFFF
         assert [t.completion for t in ts[:3]] == [fake_completion(msg, seed0, i) for i in range(3)]
-        body = srv.stats.bodies[0]
+        body = next(b for b in srv.stats.bodies if b["messages"][0]["content"] == msg)  # concurrent: any order
         assert (body["temperature"], body["top_p"], body["max_tokens"], body["model"]) == (0.8, 1.0, 64, "fake")
         assert body["messages"] == [{"role": "user", "content": msg}]
         for t in ts:
