@@ -118,6 +118,18 @@ def test_template_that_writes_bos_itself_is_not_doubled(unigram_tokenizer):
     assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
 
 
+def test_training_prompt_ids_equal_the_samplers(bpe_tokenizer, unigram_tokenizer):
+    """The student is trained on exactly the prompt tokens it is sampled with (sampling/hf.py)."""
+    import copy
+
+    hf = pytest.importorskip("orpo_distill.sampling.hf")
+    llama2 = copy.deepcopy(unigram_tokenizer)  # a template that writes BOS itself
+    llama2.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    for tok in (bpe_tokenizer, unigram_tokenizer, llama2):
+        text = render_prompt(tok, MSG)
+        assert encode_prompt(tok, text) == hf.encode_prompt(tok, text)
+
+
 def test_completion_with_eos_text_is_not_doubled(bpe_tokenizer, unigram_tokenizer):
     for tok in (bpe_tokenizer, unigram_tokenizer):
         ids = encode_completion(tok, COMPLETION + tok.eos_token)
@@ -143,6 +155,8 @@ def test_smollm2_chat_template_boundaries():
         tok.pad_token = tok.eos_token
     for system in (None, "You are a careful tutor."):
         e = _check_boundaries(tok, "chat", system)
+        hf = pytest.importorskip("orpo_distill.sampling.hf")
+        assert e.prompt_ids == hf.encode_prompt(tok, render_prompt(tok, MSG, "chat", system))
         toks = tok.convert_ids_to_tokens(e.prompt_ids)
         assert toks[0] == "<|im_start|>" and toks[1] != "<|im_start|>"
         assert tok.decode(e.prompt_ids[-3:]).endswith("assistant\n")  # the completion follows the generation prompt

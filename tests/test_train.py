@@ -225,6 +225,18 @@ def test_lora_merged_on_save_and_gold_rationale_fallback(tmp_path, tiny_llama_di
     store2.close()
 
 
+def test_hardest_negatives_bf16_autocast_and_gradient_checkpointing(setup):
+    cfg, task, qs, store = setup
+    cfg = cfg.model_copy(deep=True)
+    cfg.trainer.epochs, cfg.trainer.precision, cfg.trainer.gradient_checkpointing = 1, "bf16", True
+    cfg.pairs.strategy, cfg.pairs.max_pairs_per_question = "hardest", 2
+    res = _train(cfg, "orpo_off", task, qs, store, eval_questions=None)
+    pairs = res["per_epoch"][0]["pairs"]
+    assert pairs["pairs"] == 16 and res["per_epoch"][0]["train_loss"] == res["per_epoch"][0]["train_loss"]  # finite
+    cfg.trainer.precision = "fp32"  # the next accelerator in this process switches back
+    _train(cfg, "sft_single", task, qs, store, eval_questions=None)
+
+
 def test_lr_schedule():
     from orpo_distill.train import lr_factor
 
