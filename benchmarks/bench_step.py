@@ -54,7 +54,7 @@ def build(shape: str, root: Path, steps: int) -> dict:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    V, H, L, I, NH, P, C, PAIRS = SHAPES[shape]
+    V, H, L, FF, NH, P, C, PAIRS = SHAPES[shape]
     vocab = {f"w{i}": i for i in range(V - 3)}
     vocab.update({"<pad>": V - 3, "<eos>": V - 2, "<unk>": V - 1})
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -63,7 +63,7 @@ def build(shape: str, root: Path, steps: int) -> dict:
     # A chat template that renders the user message alone, so our prompt is exactly TRL's prompt text.
     tok.chat_template = "{{ messages[-1]['content'] }}"
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH,
+    cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=L, num_attention_heads=NH,
                       num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
                       bos_token_id=None, eos_token_id=V - 2, pad_token_id=V - 3)
     model_dir = root / "student"
@@ -259,7 +259,7 @@ def main() -> None:
             else:
                 rows[c] = json.loads(line[-1][len("RESULT "):])
             print(c, rows[c], flush=True)
-    V, H, L, I, NH, P, C, PAIRS = SHAPES[args.shape]
+    V, H, L, _, _, P, C, PAIRS = SHAPES[args.shape]
     head = (f"shape {args.shape}: Llama-shaped, tied embeddings, V={V} H={H} L={L}, {PAIRS} pairs x ({P} prompt + {C} completion) tokens; "
             f"{args.device}, torch {torch.__version__}, {'1 thread' if args.device == 'cpu' else ''}")
     print("\n" + head)

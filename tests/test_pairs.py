@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from orpo_distill.loss import sequence_logps_naive
 from orpo_distill.pairs import (

@@ -115,8 +115,9 @@ def test_kill_9_then_same_command_resumes_to_identical_weights(tmp_path, bpe_tok
     assert [e["train_loss"] for e in result_b["per_epoch"]] == [e["train_loss"] for e in result_a["per_epoch"]]
     assert [e["pool"] for e in result_b["per_epoch"]] == [e["pool"] for e in result_a["per_epoch"]]
     # the metrics log has each step once, as in the uninterrupted run
-    rows = lambda d: [(r["global_step"], r.get("loss")) for r in map(json.loads, (d / "metrics.jsonl").open())
-                      if r["kind"] == "train"]
+    def rows(d):
+        return [(r["global_step"], r.get("loss")) for r in map(json.loads, (d / "metrics.jsonl").open())
+                if r["kind"] == "train"]
     assert rows(b_dir) == rows(tmp_path / "A")
 
 
@@ -154,6 +155,11 @@ def test_interrupted_in_process_resumes_to_identical_weights(tmp_path, bpe_token
     with pytest.raises(_Killed):
         go(tmp_path / "B")
     monkeypatch.delenv(train.KILL_ENV)
+    other = cfg.model_copy(deep=True)
+    other.trainer.lr = 1e-4
+    with pytest.raises(ValueError, match="another config"):  # a checkpoint is never resumed under another config
+        train.train_variant(other, "orpo_mixed", 0, tmp_path / "B", task=task, train_questions=qs,
+                            eval_questions=None, store=store, progress=False)
     res_b = go(tmp_path / "B")
     wa, wb = _weights(tmp_path / "A" / "model"), _weights(tmp_path / "B" / "model")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -325,10 +325,12 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_hf_model(model, tokenizer, path: Path, *, merge_lora: bool = True, card: str | None = None) -> Path:
+def save_hf_model(model, tokenizer, path: Path, *, merge_lora: bool = True, card: str | None = None,
+                  inplace: bool = False) -> Path:
     """Save the student in Hugging Face format (safetensors) + tokenizer (+ model card), atomically.
 
-    A LoRA model is merged into a copy of its base weights when `merge_lora`, else its adapter is saved."""
+    A LoRA model is merged into its base weights when `merge_lora` (into a copy, unless `inplace`: the final save,
+    after which the model is not trained further), else its adapter is saved."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if tmp.exists():
@@ -337,7 +339,7 @@ def save_hf_model(model, tokenizer, path: Path, *, merge_lora: bool = True, card
     if hasattr(model, "peft_config") and merge_lora:
         import copy
 
-        to_save = copy.deepcopy(model).merge_and_unload()
+        to_save = (model if inplace else copy.deepcopy(model)).merge_and_unload()
     was_cache = getattr(to_save.config, "use_cache", None)
     if was_cache is not None:
         to_save.config.use_cache = True  # the saved model is for generation
@@ -605,9 +607,14 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
     # -- 3. resume ------------------------------------------------------------------------------------------------
     state: dict[str, Any] = {"epoch": 1, "step_in_epoch": 0, "global_step": 0, "warmup_steps": None,
                              "total_steps": None, "history": [], "plan": None, "log_lines": None, "costs": costs,
-                             "sample_reports": sample_reports, "epoch_sums": {}, "epoch_counts": {}}
+                             "sample_reports": sample_reports, "epoch_sums": {}, "epoch_counts": {},
+                             "config_hash": config_hash(cfg)}
     ckpt = latest_checkpoint(out / "checkpoints")
     if ckpt is not None:
+        saved_hash = json.loads((ckpt / "state.json").read_text(encoding="utf-8")).get("config_hash")
+        if saved_hash != config_hash(cfg):
+            raise ValueError(f"{ckpt} was written with another config (hash {saved_hash}, now {config_hash(cfg)}); "
+                             f"resume with the same config and overrides, or remove {out} to start over")
         state = load_checkpoint(ckpt, model=raw_model, optimizer=optimizer, scaler=accelerator.scaler)
         costs.update(state["costs"])
         sample_reports[:] = state.get("sample_reports", [])
@@ -729,7 +736,9 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
     history = state["history"]
     result: dict[str, Any] = {
         "variant": variant, "seed": seed, "config_hash": config_hash(cfg),
-        "phi": (spec.phi if spec.phi is not None else cfg.policy.phi) if spec.objective == "orpo" else None,
+        "phi": (spec.phi if spec.phi is not None else cfg.policy.phi) if spec.negatives == "student" else None,
+        "phi_schedule": (cfg.policy.schedule if spec.phi is None else "constant")
+        if spec.negatives == "student" else None,
         "lam": cfg.objective.lam if spec.objective == "orpo" else None,
         "train_questions": len(qids), "questions_with_chosen": len(with_chosen),
         "questions_without_chosen": len(qids) - len(with_chosen), "gold_rationale_questions": len(gold_used),
@@ -737,7 +746,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
         "sampling": sample_reports, "costs": costs, "model_dir": str(out / "model"),
     }
     save_hf_model(raw_model, tokenizer, out / "model", merge_lora=tc.lora.merge_on_save,
-                  card=model_card(cfg, variant, seed, result))
+                  card=model_card(cfg, variant, seed, result), inplace=True)
     logger.close()
     _atomic_write(done, json.dumps(result, indent=2))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
