@@ -254,3 +254,31 @@ def test_cli_train_names_the_missing_traces_command(tmp_path, tiny_llama_dir, ca
                         "teacher: {model: t}\ntask: {name: synthetic}\n")
     assert main(["train", str(cfg_path), "--variant", "orpo_mixed"]) != 0
     assert "orpo-distill traces teacher" in capsys.readouterr().err
+
+
+def test_check_traces_names_what_is_missing(tmp_path, tiny_llama_dir):
+    from orpo_distill.store import TraceStore
+    from orpo_distill.train import MissingTraces, check_traces
+
+    task, qs = ArithTask(), make_questions(4)
+    ids = [q.id for q in qs]
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "a")
+    with TraceStore(tmp_path / "a" / "traces.sqlite") as empty:
+        with pytest.raises(MissingTraces, match="orpo-distill traces teacher"):
+            check_traces(cfg, empty, ["sft_single"], ids)
+        check_traces(cfg, empty, ["zero_shot"], ids)  # evaluation needs no traces
+    store = make_store(cfg, qs, task, teacher_correct=0)
+    with pytest.raises(MissingTraces, match="gold_rationale_fallback"):
+        check_traces(cfg, store, ["sft_diverse"], ids)
+    gold = cfg.model_copy(deep=True)
+    gold.policy.gold_rationale_fallback = True
+    check_traces(gold, store, ["sft_diverse"], ids)
+    store.close()
+    cfg_b = tiny_config(tiny_llama_dir, tmp_path / "b")
+    store_b = make_store(cfg_b, qs, task)
+    check_traces(cfg_b, store_b, ["orpo_teacher_neg", "sft_single"], ids)
+    other = cfg_b.model_copy(deep=True)
+    other.student.model = str(tmp_path / "another-student")  # the store holds another student's traces
+    with pytest.raises(MissingTraces, match="orpo-distill traces student"):
+        check_traces(other, store_b, ["orpo_mixed"], ids)
+    store_b.close()

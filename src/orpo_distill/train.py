@@ -764,11 +764,18 @@ class MissingTraces(RuntimeError):
 
 def check_traces(cfg: Config, store: Any, variants: Sequence[str], question_ids: Sequence[str]) -> None:
     """Fail early, naming the command to run, when the teacher's or the initial student's traces are missing."""
+    from .sampling.stage import store_path
+
+    where = store_path(cfg)
     needs_teacher = any(variant_spec(v).objective != "none" for v in variants)
-    if needs_teacher and not teacher_chosen(cfg, store, question_ids):
-        raise MissingTraces("no correct teacher traces for this run's train questions in "
-                            f"{Path(cfg.run.out_dir) / 'traces.sqlite'}; run `orpo-distill traces teacher CONFIG` "
-                            "first (with the same overrides)")
+    if needs_teacher and not store.traces(role="teacher", question_ids=list(question_ids)):
+        raise MissingTraces(f"no teacher traces for this run's train questions in {where}; run `orpo-distill "
+                            "traces teacher CONFIG` first (with the same overrides)")
+    if needs_teacher and not cfg.policy.gold_rationale_fallback and not teacher_chosen(cfg, store, question_ids):
+        raise MissingTraces(f"the teacher traces in {where} answer none of this run's train questions correctly "
+                            "(with these sampling settings); check the teacher and `orpo-distill traces stats "
+                            "CONFIG`, re-run `orpo-distill traces teacher CONFIG` with the same overrides, or set "
+                            "policy.gold_rationale_fallback=true")
     if any(variant_spec(v).negatives == "student" for v in variants):
         from .sampling.stage import model_identity
 
@@ -776,9 +783,8 @@ def check_traces(cfg: Config, store: Any, variants: Sequence[str], question_ids:
         have = [t for t in store.traces(role="student", source=INITIAL, question_ids=list(question_ids))
                 if t.model_id == student_id]
         if not have:
-            raise MissingTraces("no initial student traces for this run's train questions in "
-                                f"{Path(cfg.run.out_dir) / 'traces.sqlite'}; run `orpo-distill traces student "
-                                "CONFIG` first (with the same overrides)")
+            raise MissingTraces(f"no initial student traces for this run's train questions in {where}; run "
+                                "`orpo-distill traces student CONFIG` first (with the same overrides)")
 
 
 def run_train(cfg: Config, *, variants: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
