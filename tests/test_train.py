@@ -196,6 +196,11 @@ def test_outputs_done_marker_and_model_card(setup, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in rows} == {"train", "epoch"} and all("loss" in r for r in rows if r["kind"] == "train")
     assert list((out / "tensorboard").iterdir()) and (out / "predictions" / "epoch2.jsonl").exists()
+    # every negative's source is on record per epoch
+    pool2 = json.loads((out / "pools" / "epoch2.json").read_text())
+    assert pool2["stats"] == res["per_epoch"][1]["pool"] and len(pool2["questions"]) == 8
+    sources = {src for q in pool2["questions"] for _, src in q["negatives"]}
+    assert sources <= {"initial", "epoch:1", "teacher"} and "teacher" in sources
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "model")

@@ -455,6 +455,26 @@ def _eval_summary(res: Any) -> dict[str, Any]:
             "unparsed": res.unparsed, "seconds": getattr(res, "seconds", None)}
 
 
+def _epoch_line(variant: str, seed: int, epoch: int, epochs: int, record: dict[str, Any]) -> str:
+    """One human line per epoch: loss, log-odds, the pool's make-up, accuracy."""
+    parts = [f"{variant} s{seed} epoch {epoch}/{epochs}: loss {record.get('train_loss', float('nan')):.4f}"]
+    if "train_log_odds" in record:
+        parts.append(f"log-odds {record['train_log_odds']:.3f}")
+    pool = record.get("pool")
+    if pool:
+        age = "-" if pool["mean_age"] is None else f"{pool['mean_age']:.2f}"
+        parts.append(f"negatives {pool['negatives']} (phi {pool['phi']:.2f}: {pool['share_current']:.0%} from the "
+                     f"current student, mean age {age} epochs; {pool['fallback_other_source']} other-source, "
+                     f"{pool['fallback_teacher']} teacher fallbacks, {pool['no_negatives']} questions SFT-only)")
+    pairs = record.get("pairs") or {}
+    cut = pairs.get("prompt_truncated", 0) + pairs.get("chosen_truncated", 0) + pairs.get("rejected_truncated", 0)
+    if cut:
+        parts.append(f"{cut} truncations")
+    if record.get("eval"):
+        parts.append(f"accuracy {record['eval']['accuracy']:.4f} (n={record['eval']['n']})")
+    return "; ".join(parts)
+
+
 def _write_predictions(res: Any, path: Path) -> None:
     try:
         from .evaluate import write_predictions
@@ -585,6 +605,11 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
                                                  scorer=scorer if cfg.pairs.strategy == "hardest" else None)
         batches = plan_batches(examples, tc.batch_size, group_by_length=tc.group_by_length,
                                rng=random.Random(f"plan:{seed}:{epoch}"))
+        if pools:  # the record of where every negative of this epoch came from (kept after training)
+            (out / "pools").mkdir(exist_ok=True)
+            _atomic_write(out / "pools" / f"epoch{epoch}.json",
+                          json.dumps({"epoch": epoch, "stats": pool_stats,
+                                      "questions": [p.to_json() for p in pools.values()]}, indent=1))
         return {"epoch": epoch, "pools": {q: p.to_json() for q, p in pools.items()}, "pool_stats": pool_stats,
                 "encode_stats": enc_stats.as_dict(),
                 "examples": [[e.question_id, e.chosen_key, e.rejected_key, e.rejected_source] for e in examples],
@@ -726,6 +751,12 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
         if plan["pool_stats"]:
             row.update({f"pool_{k}": v for k, v in plan["pool_stats"].items() if isinstance(v, (int, float))})
         logger.write(row)
+        summary = _epoch_line(variant, seed, epoch, epochs, record)
+        log.info(summary)
+        if progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(summary)
         state["history"].append(record)
         state["epoch"] = epoch + 1
         state["step_in_epoch"] = 0
