@@ -300,7 +300,8 @@ def params_from_config(cfg, role: str) -> SamplingParams:
 
 
 def store_path(cfg) -> Path:
-    return Path(cfg.run.out_dir) / "traces.sqlite"
+    """`run.store`, or `<run.out_dir>/traces.sqlite` (runs that name one store share every trace in it)."""
+    return Path(cfg.run.store) if cfg.run.store else Path(cfg.run.out_dir) / "traces.sqlite"
 
 
 def run_traces(cfg, which: str, *, progress: bool = True, generator: Generator | None = None) -> SampleReport:

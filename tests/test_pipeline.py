@@ -1,0 +1,128 @@
+"""`orpo-distill run` end to end on a tiny config: the teacher behind the OpenAI-compatible loopback server (with
+injected faults), a tiny local student, every variant; every output file; a re-run skips every finished stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_openai_server import FakeOpenAIServer, Faults
+
+from orpo_distill.cli import main
+from orpo_distill.config import VARIANTS
+from orpo_distill.pipeline import cell_name, parse_sweep, sweep_cells
+
+
+def _write_arith(path: Path, start: int, n: int) -> None:
+    with path.open("w") as f:
+        for i in range(start, start + n):
+            a, b = i % 17 + 2, (i * 7) % 23 + 1
+            f.write(json.dumps({"id": f"q{i}", "question": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n")
+
+
+@pytest.fixture()
+def tiny_run(tmp_path, tiny_llama_dir):
+    _write_arith(tmp_path / "train.jsonl", 0, 12)
+    _write_arith(tmp_path / "test.jsonl", 100, 6)
+    _write_arith(tmp_path / "val.jsonl", 200, 4)
+    cfg = {
+        "run": {"out_dir": str(tmp_path / "run"), "seeds": 1},
+        "task": {"name": "arith", "kind": "numeric", "train": {"path": str(tmp_path / "train.jsonl")},
+                 "validation": {"path": str(tmp_path / "val.jsonl")}, "test": {"path": str(tmp_path / "test.jsonl")}},
+        "teacher": {"backend": "openai", "model": "fake-teacher", "api_key_env": "ORPO_TEST_KEY", "concurrency": 4,
+                    "max_retries": 8, "timeout_s": 1.0},
+        "student": {"model": str(tiny_llama_dir), "template": "plain", "batch_size": 16},
+        "sampling": {"k": 3, "max_new_tokens": 12},
+        # the random-weight student never writes an answer line: let its unparsed traces be negatives
+        "policy": {"unparsed_negatives": True},
+        "trainer": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "report_to": ["jsonl"]},
+        "eval": {"batch_size": 16},
+    }
+    return tmp_path, cfg
+
+
+def _mtimes(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()
+            and p.name not in ("traces.sqlite-wal", "traces.sqlite-shm")}
+
+
+def test_run_end_to_end_with_api_teacher_then_rerun_skips(tiny_run, monkeypatch):
+    tmp, cfg = tiny_run
+    monkeypatch.setenv("ORPO_TEST_KEY", "sk-test-secret-123")
+    with FakeOpenAIServer(Faults(rate=0.2, slow_s=2.0, seed=3), api_key="sk-test-secret-123") as server:
+        cfg["teacher"]["base_url"] = server.base_url
+        path = tmp / "cfg.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["run", str(path), "--no-progress"]) == 0
+        first_requests = server.stats.requests
+        assert first_requests > 0 and server.stats.injected > 0
+        out = Path(cfg["run"]["out_dir"])
+
+        # every output file
+        for f in ("config.yaml", "traces.sqlite", "results.json", "results.md"):
+            assert (out / f).is_file(), f
+        pngs = list((out / "plots").glob("*.png"))
+        assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+        res = json.loads((out / "results.json").read_text())
+        assert res["task"] == "arith" and res["teacher"] == "fake-teacher"
+        assert set(res["variants"]) == set(VARIANTS)
+        for v, e in res["variants"].items():
+            assert 0.0 <= e["accuracy"] <= 1.0 and e["n"] == 6, v
+            assert "unparsed" in e and "std" in e
+            if v != "zero_shot":
+                assert len(e["per_epoch"]) == 2, v
+                assert all(ep["loss"] is not None for ep in e["per_epoch"]), v
+                model_dir = Path(e["model_dirs"][0])
+                assert (model_dir / "model.safetensors").is_file() and (model_dir / "README.md").is_file()
+        assert res["costs"]["store"]["by_role"] if "by_role" in res["costs"]["store"] else res["costs"]["store"]
+        md = (out / "results.md").read_text()
+        for name in ("zero-shot", "single-CoT SFT", "diverse-CoT SFT", "mixed-policy ORPO"):
+            assert name.lower() in md.lower(), name
+        # the secret never lands in any file the run wrote
+        for p in out.rglob("*"):
+            if p.is_file():
+                assert b"sk-test-secret-123" not in p.read_bytes(), p
+
+        # a re-run: zero teacher calls, zero training steps, nothing rewritten but the report
+        before = _mtimes(out)
+        assert main(["run", str(path), "--no-progress"]) == 0
+        assert server.stats.requests == first_requests
+        after = _mtimes(out)
+        changed = {k for k in before if before[k] != after.get(k)}
+        assert changed <= {"results.json", "results.md", "config.yaml"} | {k for k in before if k.startswith("plots")}
+        for v in VARIANTS:
+            if v != "zero_shot":
+                assert not any("variants" in k for k in changed), changed
+        res2 = json.loads((out / "results.json").read_text())
+        assert {v: e["accuracy"] for v, e in res2["variants"].items()} == \
+               {v: e["accuracy"] for v, e in res["variants"].items()}
+
+
+def test_sweep_grid_and_cells(tmp_path):
+    from orpo_distill.config import Config
+
+    grid = parse_sweep(["objective.lam=0.1,1", "policy.phi=0,0.5"])
+    assert grid == {"objective.lam": [0.1, 1], "policy.phi": [0, 0.5]}
+    base = Config.model_validate({"run": {"out_dir": str(tmp_path / "sw")}})
+    cells = sweep_cells(base, grid)
+    assert len(cells) == 4
+    stores = {c.run.store for _, c in cells}
+    assert stores == {str(tmp_path / "sw" / "traces.sqlite")}
+    assert len({c.run.out_dir for _, c in cells}) == 4
+    ov, c = cells[1]
+    assert ov == {"objective.lam": 0.1, "policy.phi": 0.5} and c.objective.lam == 0.1 and c.policy.phi == 0.5
+    assert cell_name(ov) == "objective.lam=0.1__policy.phi=0.5"
+    with pytest.raises(ValueError, match="section.key=v1,v2"):
+        parse_sweep(["objective.lam"])
+
+
+def test_run_reports_missing_data_clearly(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"run": {"out_dir": str(tmp_path / "r")}, "task": {
+        "name": "arith", "kind": "numeric", "train": {"path": str(tmp_path / "nope.jsonl")}},
+        "teacher": {"model": "x"}, "student": {"model": "y"}}))
+    assert main(["run", str(p), "--no-progress"]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+
