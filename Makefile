@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-all lint clean docs
 
 setup: $(VENV)/.installed
 
@@ -31,3 +31,6 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+docs: setup  ## regenerate docs/CONFIG.md from the config schema
+	{ printf '# Config reference\n\nGenerated from the schema in `src/orpo_distill/config.py` by `orpo-distill config reference`; a test keeps it in sync.\n\n'; $(VENV)/bin/orpo-distill config reference; } > docs/CONFIG.md

@@ -83,3 +83,19 @@ def test_reference_lists_every_key():
     for key in ("trainer.lr", "policy.phi", "objective.lam", "sampling.rouge_threshold", "trainer.lora.r",
                 "teacher.api_key_env", "task.train.path"):
         assert f"`{key}`" in ref
+
+
+def test_docs_config_reference_is_generated_from_the_schema():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    assert config_reference() in doc, "docs/CONFIG.md is stale: regenerate it with `orpo-distill config reference`"
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    assert examples
+    for p in examples:
+        load_config(p)
