@@ -139,9 +139,12 @@ def test_train_mode_is_restored(model_and_tok):
     g = gen(model, tok)
     p = SamplingParams(n=1, temperature=0, max_new_tokens=3)
     model.train()
+    frozen = next(m for m in model.modules() if m is not model and list(m.parameters()))
+    frozen.eval()  # a part kept in eval mode while the rest trains stays so
     try:
         g.generate(MESSAGES[:1], p)
-        assert model.training
+        assert model.training and not frozen.training
+        assert sum(m.training for m in model.modules()) == len(list(model.modules())) - len(list(frozen.modules()))
     finally:
         model.eval()
     g.generate(MESSAGES[:1], p)

@@ -143,7 +143,8 @@ class HFGenerator:
             raise ValueError(f"sample_indices has {len(sample_indices)} entries for {len(prompts)} prompts")
         results: list[list[Completion]] = [[] for _ in prompts]
         jobs = [p for p in range(len(prompts)) if len(sample_indices[p])]
-        was_training = self.model.training
+        # Every submodule's own flag, not just the top one: a training model may keep some parts in eval mode.
+        modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
             start = 0
@@ -166,7 +167,8 @@ class HFGenerator:
                     results[p] = comps
                 start += len(group)
         finally:
-            self.model.train(was_training)
+            for m, training in modes:
+                m.training = training
         return results
 
     @torch.no_grad()
