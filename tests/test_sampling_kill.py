@@ -48,12 +48,15 @@ def count(db: Path) -> int:
         return 0
 
 
-def kill_when(proc: subprocess.Popen, db: Path, at_least: int, timeout: float = 120) -> int:
-    """SIGKILL the process as soon as the store holds at least `at_least` traces; returns the count seen."""
+def kill_when(proc: subprocess.Popen, db: Path, at_least: int, timeout: float = 120, delay_s: float = 0.0) -> int:
+    """SIGKILL the process `delay_s` after the store holds at least `at_least` traces; returns the count seen."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         n = count(db)
         if n >= at_least:
+            time.sleep(delay_s)
+            if proc.poll() is not None:
+                raise AssertionError("finished before it could be killed; make the run longer")
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()
@@ -120,21 +123,21 @@ def test_kill_9_then_the_same_command_equals_an_uninterrupted_run(tmp_path, tiny
 
 @pytest.mark.slow
 def test_repeated_kills_at_random_moments(tmp_path, tiny_gpt2_dir):
-    """Five kills at random delays (during start-up, generation or a commit), then the command to the end."""
+    """Four kills, each a random 0-400 ms after the resumed process wrote its first chunk (so it dies in the middle
+    of generating or of committing a later one), then the command to the end."""
+    total = N_QUESTIONS * K
     cfg = write_config(tmp_path, tiny_gpt2_dir, "crash")
     db = tmp_path / "crash" / "traces.sqlite"
     want = reference_store(tmp_path, tiny_gpt2_dir)
     rng = random.Random(1234)
-    counts = []
-    for _ in range(5):
+    counts = [0]
+    for _ in range(4):
         proc = start(cfg)
-        time.sleep(rng.uniform(5.0, 12.0))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        seen = kill_when(proc, db, at_least=counts[-1] + 1, delay_s=rng.uniform(0.0, 0.4))
+        assert seen < total
         counts.append(count(db))
     run_to_the_end(cfg)
-    assert counts == sorted(counts)
+    assert counts == sorted(counts) and counts[-1] < total, counts
     check_equal(db, want)
 
 
