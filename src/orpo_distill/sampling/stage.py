@@ -211,11 +211,12 @@ def _apply_diversity(new: list[Trace], store: TraceStore, keys: list[list[str]],
     by_key = {t.key: t for t in new}
     out: dict[str, Trace] = {}
     for qi in todo:
-        present = [keys[qi][i] for i in range(len(keys[qi])) if i not in set(missing[qi])]
+        new_idx = set(missing[qi])
+        present = [keys[qi][i] for i in range(len(keys[qi])) if i not in new_idx]
         earlier = {t.sample_index: t for t in store.get(present)} if present else {}
         kept: dict[str, list[list[str]]] = {}
         for i in range(len(keys[qi])):
-            t = by_key.get(keys[qi][i]) if i in missing[qi] else earlier.get(i)
+            t = by_key.get(keys[qi][i]) if i in new_idx else earlier.get(i)
             if t is None:
                 continue
             toks = rouge_tokens(t.completion)
