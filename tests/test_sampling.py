@@ -189,6 +189,10 @@ def test_inverse_cdf_sampling_is_exact():
     counts = torch.bincount(sample_tokens(logits, u, 1.0, 0.6), minlength=4).tolist()
     assert counts == [0, 625, 375, 0]  # nucleus {0.5, 0.3}, renormalised
     assert sample_tokens(logits[:2], u[:2], 0.0, 1.0).tolist() == [1, 1]
+    # u at the very top of [0, 1) still picks the last token with probability, never a zero-probability one
+    top = torch.tensor([1 - 2.0 ** -53], dtype=torch.float64)
+    assert sample_tokens(logits[:1], top, 1.0, 1.0).tolist() == [2]
+    assert sample_tokens(logits[:1], top, 1.0, 0.6).tolist() == [2]
 
 
 # -- ROUGE-L and the diversity filter -----------------------------------------------------------------------------

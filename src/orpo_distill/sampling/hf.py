@@ -61,11 +61,16 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
         probs, order = probs.sort(-1, descending=True)
         # Drop a token when the mass of the tokens before it already exceeds top_p (the first is always kept).
         probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
-    # float64 CDF: a float32 cumsum over 100k+ tokens drifts enough to bias the tail.
-    cdf = probs.double().cumsum(-1)
-    target = (u.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(-1)
+    # A float32 CDF: rounding moves at most ~1e-7 of mass between neighbouring tokens, the target is scaled by the
+    # CDF's own total, and a zero-probability token adds exactly nothing, so it can never be chosen.
+    cdf = probs.cumsum(-1)
+    target = (u.to(cdf.device, torch.float32) * cdf[:, -1]).unsqueeze(-1)
     # right=True: the first index whose CDF exceeds the target, so a zero-probability token is never chosen.
     idx = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+    bad = probs.gather(-1, idx) == 0  # only when rounding put the target at the very end of the CDF
+    if bool(bad.any()):
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)
+        idx = torch.where(bad, last, idx)
     if order is not None:
         idx = order.gather(-1, idx)
     return idx.squeeze(-1)
