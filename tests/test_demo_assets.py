@@ -1,0 +1,151 @@
+"""The offline demo's shipped models: loadable, different architectures and tokenizers, small, hashes as built,
+teacher measurably better than student; the build script is deterministic; the demo config is valid."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from orpo_distill.demo import assets_dir
+from orpo_distill.tasks.prompts import render_prompt
+from orpo_distill.tasks.synthetic import SyntheticTask
+
+ASSETS = assets_dir()
+ROLES = ("teacher", "student")
+CONFIG = Path(__file__).resolve().parents[1] / "src" / "orpo_distill" / "configs" / "demo.yaml"
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def build_info() -> dict:
+    return json.loads((ASSETS / "BUILD.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return {r: (AutoModelForCausalLM.from_pretrained(ASSETS / r).eval(), AutoTokenizer.from_pretrained(ASSETS / r))
+            for r in ROLES}
+
+
+def test_assets_are_small_safetensors_hf_folders():
+    total = 0
+    for r in ROLES:
+        d = ASSETS / r
+        names = {f.name for f in d.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names, names
+        assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
+        total += sum(f.stat().st_size for f in d.iterdir())
+    assert total < 10 * 1024 * 1024, total
+
+
+def test_hashes_match_build_json(build_info):
+    for r in ROLES:
+        files = build_info["models"][r]["files"]
+        assert "model.safetensors" in files
+        on_disk = {f.name: _sha(f) for f in (ASSETS / r).iterdir() if f.is_file()}
+        assert on_disk == files, r
+    assert build_info["seed"] == 0 and "orpo_distill.demo.build" in build_info["command"]
+
+
+def test_different_architectures_and_tokenizers(loaded, build_info):
+    (teacher, ttok), (student, stok) = loaded["teacher"], loaded["student"]
+    assert teacher.config.model_type == "gpt2" and student.config.model_type == "llama"
+    assert type(ttok.backend_tokenizer.model).__name__ == "BPE"
+    assert type(stok.backend_tokenizer.model).__name__ == "Unigram"
+    assert ttok.get_vocab() != stok.get_vocab()
+    text = "Ann has 12 pens. 12 + 7 = 19."
+    assert ttok.convert_ids_to_tokens(ttok(text)["input_ids"]) != stok.convert_ids_to_tokens(stok(text)["input_ids"])
+    for r, (m, _) in loaded.items():
+        assert sum(p.numel() for p in m.parameters()) == build_info["models"][r]["params"]
+
+
+def test_tokenization_round_trips_and_splits_cleanly(loaded):
+    """Traces cross as text: decode(encode(completion)) is the completion, and prompt+completion tokenize as
+    the prompt's ids followed by the completion's (how the samplers and the pair tokenizer see them)."""
+    task = SyntheticTask()
+    for _, tok in loaded.values():
+        for q in task.load_questions("validation", limit=30):
+            prompt = render_prompt(tok, task.user_message(q), "plain")
+            p = tok(prompt)["input_ids"]
+            c = tok(q.rationale, add_special_tokens=False)["input_ids"]
+            assert tok(prompt + q.rationale)["input_ids"] == p + c
+            assert tok.decode(c, skip_special_tokens=True) == q.rationale
+            assert tok.unk_token_id not in p + c or tok.unk_token_id == tok.eos_token_id
+
+
+def test_models_load_through_the_project_loader():
+    from orpo_distill.config import ModelConfig
+    from orpo_distill.models import load_model, load_tokenizer
+
+    for r in ROLES:
+        cfg = ModelConfig(model=str(ASSETS / r), template="plain", device="cpu")
+        assert load_model(cfg).training is False
+        assert load_tokenizer(cfg).pad_token is not None
+
+
+@torch.no_grad()
+def _greedy_correct(model, tok, task, questions, max_new_tokens: int = 80) -> int:
+    tok.padding_side = "left"
+    prompts = [render_prompt(tok, task.user_message(q), "plain") for q in questions]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(task.grade(q, t).verdict == "correct" for q, t in zip(questions, texts))
+
+
+def test_teacher_is_measurably_better_than_student(loaded):
+    torch.set_num_threads(1)
+    task = SyntheticTask()
+    qs = task.load_questions("validation", limit=48)
+    t = _greedy_correct(*loaded["teacher"], task, qs)
+    s = _greedy_correct(*loaded["student"], task, qs)
+    # Build-time measurement on 200 validation questions: see BUILD.json. Here: a clear gap on 48.
+    assert t >= 0.75 * len(qs), (t, s)
+    assert 0 < s <= t - 0.3 * len(qs), (t, s)
+
+
+def test_demo_config_is_valid_and_points_at_the_assets(tmp_path):
+    from orpo_distill.config import load_config
+
+    data = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
+    quick = data.pop("quick", None) or {}
+    p = tmp_path / "demo.yaml"
+    p.write_text(yaml.safe_dump(data), encoding="utf-8")
+    cfg = load_config(p)
+    assert cfg.task.name == "synthetic" and cfg.teacher.template == "plain" and cfg.student.template == "plain"
+    assert cfg.run.seeds >= 2 and cfg.task.test.limit is None or cfg.task.test.limit >= 200
+    # The quick variant is only overrides of the same schema.
+    assert load_config(p, [f"{k}={json.dumps(v)}" for k, v in quick.items()]).run.out_dir
+    # The models come from the package (orpo_distill.demo.assets_dir()), wherever it is installed.
+    for r in ROLES:
+        assert (assets_dir() / r / "config.json").is_file()
+
+
+def test_build_is_bit_for_bit_deterministic(tmp_path):
+    """Two builds with the same seed (few steps, shipped sizes) give identical weight and tokenizer files."""
+    from orpo_distill.demo.build import BuildSpec, build
+
+    spec = BuildSpec(seed=3, tokenizer_texts=300)
+    spec = replace(spec, teacher=replace(spec.teacher, steps=3, n_questions=200),
+                   student=replace(spec.student, steps=3, n_questions=200))
+    before = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    a = build(tmp_path / "a", spec, measure_models=False, log_every=0)
+    b = build(tmp_path / "b", spec, measure_models=False, log_every=0)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()) == before
+    for r in ROLES:
+        assert a["models"][r]["files"] == b["models"][r]["files"]
+        assert a["models"][r]["files"]["model.safetensors"] == _sha(tmp_path / "b" / r / "model.safetensors")
+    c = build(tmp_path / "c", replace(spec, seed=4), measure_models=False, log_every=0)
+    assert c["models"]["teacher"]["files"]["model.safetensors"] != a["models"]["teacher"]["files"]["model.safetensors"]
