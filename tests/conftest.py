@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: tiny models gain nothing from more, and the suite shares 2 cores with whatever else runs.
+torch.set_num_threads(1)
 
 # A small corpus that looks like what the tests feed the models: questions, reasoning, answer lines.
 CORPUS = [
