@@ -76,7 +76,11 @@ def test_run_end_to_end_with_api_teacher_then_rerun_skips(tiny_run, monkeypatch)
                 assert all(ep["loss"] is not None for ep in e["per_epoch"]), v
                 model_dir = Path(e["model_dirs"][0])
                 assert (model_dir / "model.safetensors").is_file() and (model_dir / "README.md").is_file()
-        assert res["costs"]["store"]["by_role"] if "by_role" in res["costs"]["store"] else res["costs"]["store"]
+        costs = res["costs"]
+        assert costs["teacher"]["sampled"] == 12 * 3 and costs["teacher"]["completion_tokens"] > 0
+        assert costs["student_initial"]["sampled"] == 12 * 3
+        assert costs["student_refresh"]["sampled"] > 0  # on- and mixed-policy re-sampled the student
+        assert costs["training"]["optimizer_steps"] > 0 and costs["training"]["train_seconds"] > 0
         md = (out / "results.md").read_text()
         for name in ("zero-shot", "single-CoT SFT", "diverse-CoT SFT", "mixed-policy ORPO"):
             assert name.lower() in md.lower(), name

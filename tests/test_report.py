@@ -114,7 +114,8 @@ def test_write_report_files_table_and_plots(tmp_path):
     assert rows[-1] == ["mixed-policy ORPO", "71.00 ± 1.41"]
     assert rows[1] == ["zero-shot CoT", "21.00 ± 1.41"]
     assert "teacher: `tiny-gpt2`" in md and "student: `tiny-llama`" in md and "(n): 50" in md and "seeds: 2" in md
-    assert "| teacher.tokens | 12,345 |" in md and "| training_seconds | 99 |" in md
+    assert "| stage | tokens | seconds |" in md and "| teacher | 12,345 | 10.5 |" in md
+    assert "| training_seconds | 99 |" in md
     assert "](plots/accuracy_by_variant.png)" in md
     assert "paper's numbers" not in md  # synthetic is not one of the paper's tasks
     # one seed: no ± anywhere in the main table

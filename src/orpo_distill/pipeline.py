@@ -57,8 +57,8 @@ def seed_entry(result: dict[str, Any], split_key: str = "final_eval") -> dict[st
 
 
 def _store_costs(cfg: Config) -> dict[str, Any]:
-    """Teacher and student sampling costs as recorded in the store (all runs that filled it, so a resumed or
-    re-run pipeline reports what the traces cost, not what this invocation spent)."""
+    """Sampling costs as the store recorded them (every invocation that filled it, so a resumed or re-run pipeline
+    reports what the traces cost, not what this invocation spent): teacher, initial student, student refreshes."""
     from .sampling.stage import store_path
     from .store import TraceStore
 
@@ -66,8 +66,16 @@ def _store_costs(cfg: Config) -> dict[str, Any]:
     if not path.is_file():
         return {}
     with TraceStore(path, readonly=True) as store:
-        s = store.stats()
-    return {"store": s}
+        runs = store.stats().get("runs", {})
+    fields = ("sampled", "errors", "prompt_tokens", "completion_tokens", "seconds", "cost_usd")
+    out: dict[str, Any] = {}
+    for name, pick in (("teacher", lambda k: k.startswith("teacher/")),
+                       ("student_initial", lambda k: k == "student/initial"),
+                       ("student_refresh", lambda k: k.startswith("student/epoch:"))):
+        rows = [v for k, v in runs.items() if pick(k)]
+        if rows:
+            out[name] = {f: round(sum(float(r.get(f, 0) or 0) for r in rows), 4) for f in fields}
+    return out
 
 
 def run(cfg: Config, *, progress: bool = True, validate: bool = False) -> dict[str, Any]:
@@ -120,8 +128,8 @@ def build_results(cfg: Config, trained: Sequence[dict[str, Any]]) -> dict[str, A
     for r in trained:
         by_variant.setdefault(r["variant"], []).append(r)
     variants: dict[str, Any] = {}
-    train_cost = {"train_seconds": 0.0, "eval_seconds": 0.0, "sample_seconds": 0.0, "train_tokens": 0,
-                  "optimizer_steps": 0, "student_sampled_traces": 0, "student_sampled_tokens": 0}
+    # student sampling between epochs is counted from the store, under costs.student_refresh
+    train_cost = {"train_seconds": 0.0, "eval_seconds": 0.0, "train_tokens": 0, "optimizer_steps": 0}
     for v in cfg.run.variants:
         rs = by_variant.get(v, [])
         if not rs:
@@ -136,7 +144,7 @@ def build_results(cfg: Config, trained: Sequence[dict[str, Any]]) -> dict[str, A
         variants[v] = entry
         for k in train_cost:
             train_cost[k] += entry["costs"][k]
-    costs: dict[str, Any] = {"training": train_cost, **_store_costs(cfg)}
+    costs: dict[str, Any] = {**_store_costs(cfg), "training": train_cost}
     return {"task": cfg.task.name, "teacher": cfg.teacher.model, "student": cfg.student.model,
             "variants": variants, "costs": costs, "config": cfg.model_dump(mode="json")}
 

@@ -361,10 +361,24 @@ def _epochs_table(results: Mapping[str, Any]) -> str | None:
 
 
 def _costs_table(costs: Mapping[str, Any]) -> str | None:
-    flat = _flatten(costs) if costs else {}
-    if not flat:
+    """Stages whose costs are a mapping of measures (teacher, student_initial, student_refresh, training) as one
+    row each, stages that share their measures in one table; scalars in a two-column table."""
+    if not costs:
         return None
-    return _md_table(["cost", "value"], [[k, _fmt_value(v)] for k, v in flat.items()])
+    groups: dict[tuple[str, ...], list[tuple[str, Mapping[str, Any]]]] = {}
+    scalars: dict[str, Any] = {}
+    for k, v in costs.items():
+        if isinstance(v, Mapping) and v and not any(isinstance(x, Mapping) for x in v.values()):
+            groups.setdefault(tuple(v), []).append((k, v))
+        elif isinstance(v, Mapping):
+            scalars.update({f"{k}.{fk}": fv for fk, fv in _flatten(v).items()})
+        else:
+            scalars[k] = v
+    parts = [_md_table(["stage", *cols], [[name, *[_fmt_value(v[c]) for c in cols]] for name, v in rows])
+             for cols, rows in groups.items()]
+    if scalars:
+        parts.append(_md_table(["cost", "value"], [[k, _fmt_value(v)] for k, v in scalars.items()]))
+    return "\n\n".join(parts)
 
 
 def render_results_md(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
