@@ -206,7 +206,10 @@ class FakeOpenAIServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self._port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="critical", timeout_graceful_shutdown=1, lifespan="off")
+        # log_config=None: uvicorn's default calls logging.config.dictConfig, which closes every handler ever
+        # created in the process (absl's included, bound to a test's captured stderr), breaking later tests.
+        config = uvicorn.Config(self.app, log_level="critical", log_config=None, timeout_graceful_shutdown=1,
+                                lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()
