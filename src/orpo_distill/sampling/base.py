@@ -75,3 +75,14 @@ class GenerationFailed(RuntimeError):
     def __init__(self, message: str, partial: list[list[Completion] | None] | None = None) -> None:
         super().__init__(message)
         self.partial = partial or []
+
+
+def resolve_sample_indices(n_prompts: int, params: SamplingParams,
+                           sample_indices: Sequence[Sequence[int]] | None) -> Sequence[Sequence[int]]:
+    """The sample indices each backend draws per prompt: all of range(params.n) unless told which (a resumed run
+    draws exactly the missing ones); one entry per prompt."""
+    if sample_indices is None:
+        return [range(params.n)] * n_prompts
+    if len(sample_indices) != n_prompts:
+        raise ValueError(f"sample_indices has {len(sample_indices)} entries for {n_prompts} prompts")
+    return sample_indices

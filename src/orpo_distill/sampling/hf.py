@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..tasks.prompts import render_prompt
-from .base import Completion, SamplingParams, sample_seed
+from .base import Completion, SamplingParams, resolve_sample_indices, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,7 @@ class HFGenerator:
     # -- the interface -----------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], params: SamplingParams,
                  sample_indices: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
-        if sample_indices is None:
-            sample_indices = [range(params.n)] * len(prompts)
-        if len(sample_indices) != len(prompts):
-            raise ValueError(f"sample_indices has {len(sample_indices)} entries for {len(prompts)} prompts")
+        sample_indices = resolve_sample_indices(len(prompts), params, sample_indices)
         results: list[list[Completion]] = [[] for _ in prompts]
         jobs = [p for p in range(len(prompts)) if len(sample_indices[p])]
         # Every submodule's own flag, not just the top one: a training model may keep some parts in eval mode.

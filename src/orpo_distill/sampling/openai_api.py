@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..tasks.prompts import PLAIN_TEMPLATE, chat_messages, render_prompt
-from .base import Completion, GenerationFailed, SamplingParams, sample_seed
+from .base import Completion, GenerationFailed, SamplingParams, resolve_sample_indices, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +164,7 @@ class OpenAIGenerator:
     # -- the interface -----------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], params: SamplingParams,
                  sample_indices: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
-        if sample_indices is None:
-            sample_indices = [range(params.n)] * len(prompts)
-        if len(sample_indices) != len(prompts):
-            raise ValueError(f"sample_indices has {len(sample_indices)} entries for {len(prompts)} prompts")
+        sample_indices = resolve_sample_indices(len(prompts), params, sample_indices)
         coro = self._generate([str(p) for p in prompts], params, [list(i) for i in sample_indices])
         try:
             asyncio.get_running_loop()

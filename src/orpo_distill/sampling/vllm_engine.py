@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tasks.prompts import render_prompt
-from .base import Completion, SamplingParams, sample_seed
+from .base import Completion, SamplingParams, resolve_sample_indices, sample_seed
 from .hf import encode_prompt
 
 _DTYPES = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -69,10 +69,7 @@ class VLLMGenerator:
                  sample_indices: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         import vllm
 
-        if sample_indices is None:
-            sample_indices = [range(params.n)] * len(prompts)
-        if len(sample_indices) != len(prompts):
-            raise ValueError(f"sample_indices has {len(sample_indices)} entries for {len(prompts)} prompts")
+        sample_indices = resolve_sample_indices(len(prompts), params, sample_indices)
         inputs, sps, owner = [], [], []
         for p, (message, idxs) in enumerate(zip(prompts, sample_indices)):
             if not idxs:
