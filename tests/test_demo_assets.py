@@ -125,12 +125,17 @@ def test_demo_config_is_valid_and_points_at_the_assets(tmp_path):
     p.write_text(yaml.safe_dump(data), encoding="utf-8")
     cfg = load_config(p)
     assert cfg.task.name == "synthetic" and cfg.teacher.template == "plain" and cfg.student.template == "plain"
-    assert cfg.run.seeds >= 2 and cfg.task.test.limit is None or cfg.task.test.limit >= 200
+    assert cfg.run.seeds >= 2 and cfg.task.synthetic["n_test"] >= 200 and cfg.eval.split == "test"
     # The quick variant is only overrides of the same schema.
     assert load_config(p, [f"{k}={json.dumps(v)}" for k, v in quick.items()]).run.out_dir
     # The models come from the package (orpo_distill.demo.assets_dir()), wherever it is installed.
+    from orpo_distill.pipeline import demo_config
+
+    full, fast = demo_config(tmp_path / "out"), demo_config(tmp_path / "q", quick=True)
     for r in ROLES:
-        assert (assets_dir() / r / "config.json").is_file()
+        assert getattr(full, r).model == str(assets_dir() / r)
+        assert (Path(getattr(full, r).model) / "config.json").is_file()
+    assert fast.run.seeds <= full.run.seeds and fast.task.synthetic["n_train"] < full.task.synthetic["n_train"]
 
 
 def test_build_is_bit_for_bit_deterministic(tmp_path):
@@ -149,3 +154,23 @@ def test_build_is_bit_for_bit_deterministic(tmp_path):
         assert a["models"][r]["files"]["model.safetensors"] == _sha(tmp_path / "b" / r / "model.safetensors")
     c = build(tmp_path / "c", replace(spec, seed=4), measure_models=False, log_every=0)
     assert c["models"]["teacher"]["files"]["model.safetensors"] != a["models"]["teacher"]["files"]["model.safetensors"]
+
+
+def test_estimate_multiplies_out_the_work():
+    """The demo-size estimate: counts x unit costs, per stage (no models needed)."""
+    from orpo_distill.config import config_from_dict
+    from orpo_distill.demo.estimate import estimate
+
+    cfg = config_from_dict({"run": {"seeds": 2, "variants": ["zero_shot", "sft_single", "orpo_on"]},
+                            "task": {"synthetic": {"n_train": 100, "n_test": 50}},
+                            "sampling": {"k": 4}, "trainer": {"epochs": 3}, "pairs": {"max_pairs_per_question": 2}})
+    units = {"teacher_s_per_sample": 0.01, "student_s_per_sample": 0.002, "greedy_s_per_question": 0.01,
+             "sft_s_per_sequence": 0.01, "orpo_s_per_pair": 0.02, "teacher_correct_share": 0.5,
+             "kept_positives_per_question": 3.0, "questions_with_positive": 1.0, "student_wrong_share": 0.75}
+    est = estimate(cfg, units)
+    assert est["teacher_traces"] == 4.0 and est["initial_student_traces"] == 0.8
+    assert est["zero_shot"] == 2 * 0.5
+    assert est["sft_single"] == 2 * (3 * 100 * 0.01 + 3 * 0.5)
+    # on-policy: 2 pairs/question (capped), 2 refreshes of 4 samples per question
+    assert est["orpo_on"] == round(2 * (3 * 100 * 2 * 0.02 + 3 * 0.5 + 2 * 100 * 4 * 0.002), 1)
+    assert est["total"] == round(sum(v for k, v in est.items() if k != "total"), 1)
