@@ -184,6 +184,8 @@ class RunConfig(_Section):
                                                 "share one never sample the same trace twice")
     seed: int = 0
     seeds: int = Field(1, ge=1, description="train and evaluate each variant with this many seeds")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads for `run`/`demo` (default: torch's "
+                                                         "choice; 1 is faster on a busy small CPU)")
     variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS))
 
 

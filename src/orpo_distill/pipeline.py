@@ -87,6 +87,10 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False) -> dict[s
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "config.yaml", dump_config(cfg))
+    if cfg.run.threads:
+        import torch
+
+        torch.set_num_threads(cfg.run.threads)
     variants = list(cfg.run.variants)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
