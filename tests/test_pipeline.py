@@ -130,3 +130,41 @@ def test_run_reports_missing_data_clearly(tmp_path, capsys):
     assert main(["run", str(p), "--no-progress"]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
 
+
+
+def test_sweep_end_to_end_shares_traces_and_chooses_on_validation(tiny_run, monkeypatch):
+    tmp, cfg = tiny_run
+    monkeypatch.setenv("ORPO_TEST_KEY", "k")
+    cfg["run"]["variants"] = ["zero_shot", "orpo_mixed"]
+    cfg["trainer"]["epochs"] = 1
+    with FakeOpenAIServer(api_key="k") as server:
+        cfg["teacher"]["base_url"] = server.base_url
+        path = tmp / "cfg.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["run", str(path), "--no-progress", "--sweep", "policy.phi=0,1", "objective.lam=0.5"]) == 0
+        out = Path(cfg["run"]["out_dir"])
+        # the teacher was asked once per question, whatever the number of cells
+        from orpo_distill.store import TraceStore
+
+        with TraceStore(out / "traces.sqlite") as store:
+            assert len(store.traces(role="teacher")) == 12 * 3
+            assert len(store.traces(role="student", source="initial")) == 12 * 3
+        requests = server.stats.requests
+        sweep = json.loads((out / "sweep.json").read_text())
+        cells = sweep["cells"]
+        assert {(c["variant"], c["overrides"]["policy.phi"]) for c in cells} == \
+               {(v, p) for v in ("zero_shot", "orpo_mixed") for p in (0, 1)}
+        assert all(len(c["validation"]) == 1 and len(c["test"]) == 1 for c in cells)
+        for name in ("policy.phi=0__objective.lam=0.5", "policy.phi=1__objective.lam=0.5"):
+            assert (out / "cells" / name / "results.json").is_file()
+            assert not (out / "cells" / name / "traces.sqlite").exists()
+        assert (out / "sweep.md").is_file()
+        # the choice per variant is the cell with the best validation accuracy (ties: the earlier cell)
+        chosen = sweep["chosen"]
+        for v in ("zero_shot", "orpo_mixed"):
+            idx = [i for i, c in enumerate(cells) if c["variant"] == v]
+            best = max(idx, key=lambda i: (sum(cells[i]["validation"]), -i))
+            assert chosen[v] == best
+        # a re-run samples nothing new
+        assert main(["run", str(path), "--no-progress", "--sweep", "policy.phi=0,1", "objective.lam=0.5"]) == 0
+        assert server.stats.requests == requests
