@@ -132,12 +132,13 @@ def test_repeated_kills_at_random_moments(tmp_path, tiny_gpt2_dir):
     rng = random.Random(1234)
     counts = [0]
     for _ in range(4):
+        if counts[-1] >= total:  # a kill landed after the last commit (fast machine): nothing left to interrupt
+            break
         proc = start(cfg)
-        seen = kill_when(proc, db, at_least=counts[-1] + 1, delay_s=rng.uniform(0.0, 0.4))
-        assert seen < total
+        kill_when(proc, db, at_least=counts[-1] + 1, delay_s=rng.uniform(0.0, 0.4))
         counts.append(count(db))
     run_to_the_end(cfg)
-    assert counts == sorted(counts) and counts[-1] < total, counts
+    assert counts == sorted(counts) and any(0 < c < total for c in counts), counts  # some kill was mid-run
     check_equal(db, want)
 
 
