@@ -64,19 +64,22 @@ class ModelConfig(_Section):
     template: Literal["auto", "chat", "plain"] = Field(
         "auto", description="prompt format: the model's own chat template, or a plain one for base models")
     system_prompt: str | None = Field(None, description="optional system message for chat templates")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype for sampling; auto: bf16 on a GPU that has it, else float32")
     device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:1`, ...")
     trust_remote_code: bool = Field(False, description="never on unless you ask for it")
     batch_size: int = Field(32, ge=1, description="prompts per generation batch (hf backend halves it on OOM)")
     # OpenAI-compatible HTTP backend
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
     api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API key")
-    endpoint: Literal["chat", "completions"] = "chat"
-    concurrency: int = Field(8, ge=1)
-    max_retries: int = Field(6, ge=0)
-    timeout_s: float = Field(120.0, gt=0)
-    requests_per_minute: float | None = Field(None, gt=0)
-    tokens_per_minute: float | None = Field(None, gt=0)
+    endpoint: Literal["chat", "completions"] = Field(
+        "chat", description="chat: the server applies the model's chat template; completions: the plain template")
+    concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    max_retries: int = Field(6, ge=0, description="retries of a request on 429/5xx/timeouts/bad responses, "
+                                                         "with exponential backoff and jitter")
+    timeout_s: float = Field(120.0, gt=0, description="per-request timeout")
+    requests_per_minute: float | None = Field(None, gt=0, description="client-side request rate limit")
+    tokens_per_minute: float | None = Field(None, gt=0, description="client-side token rate limit")
     cost_per_1k_input: float = Field(0.0, ge=0, description="USD per 1000 prompt tokens, for cost accounting")
     cost_per_1k_output: float = Field(0.0, ge=0, description="USD per 1000 completion tokens")
     # vLLM offline engine
@@ -98,10 +101,10 @@ class SamplingConfig(_Section):
     k: int = Field(8, ge=1, description="traces per question for the teacher (paper: 8)")
     student_k: int | None = Field(None, ge=1, description="traces per question for the student (default: k)")
     temperature: float = Field(0.8, ge=0, description="paper: 0.8")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(512, ge=1)
-    stop: list[str] = Field(default_factory=list)
-    seed: int = 0
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    max_new_tokens: int = Field(512, ge=1, description="longest trace sampled (truncated traces are recorded)")
+    stop: list[str] = Field(default_factory=list, description="stop strings, besides the EOS token")
+    seed: int = Field(0, description="sampling seed; each sample has its own stream from (seed, prompt, index)")
     rouge_threshold: float = Field(0.8, ge=0, le=1, description="drop teacher traces with ROUGE-L F1 above this "
                                                                 "against a kept trace of the same question (paper)")
 
@@ -122,8 +125,8 @@ class PolicyConfig(_Section):
     phi: float = Field(0.5, ge=0, le=1, description="probability a question's negatives come from the current "
                                                     "student (0 off-policy, 1 on-policy)")
     schedule: Literal["constant", "linear"] = Field("constant", description="linear: phi_start -> phi_end over epochs")
-    phi_start: float = Field(0.0, ge=0, le=1)
-    phi_end: float = Field(1.0, ge=0, le=1)
+    phi_start: float = Field(0.0, ge=0, le=1, description="schedule=linear: phi after the first epoch")
+    phi_end: float = Field(1.0, ge=0, le=1, description="schedule=linear: phi after the last epoch")
     teacher_negatives_fallback: bool = Field(True, description="use the teacher's wrong traces when neither student "
                                                                "source has a wrong trace (ours)")
     gold_rationale_fallback: bool = Field(False, description="questions with no correct teacher trace use the "
@@ -145,48 +148,50 @@ class ObjectiveConfig(_Section):
 
 class LoraConfig(_Section):
     enabled: bool = Field(False, description="paper: full fine-tuning")
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
-    merge_on_save: bool = True
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | str = Field("all-linear", description="modules that get adapters (PEFT names)")
+    merge_on_save: bool = Field(True, description="save the final student with the adapter merged in")
 
 
 class TrainerConfig(_Section):
     epochs: int = Field(5, ge=1, description="paper: 5")
-    lr: float = Field(5e-6, gt=0)
+    lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
     batch_size: int = Field(8, ge=1, description="pairs (or SFT sequences) per micro-batch")
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of all steps spent warming up")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null: off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    gradient_checkpointing: bool = False
-    group_by_length: bool = True
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     save_every_steps: int | None = Field(None, ge=1, description="checkpoint every N optimiser steps (and each epoch)")
-    log_every_steps: int = Field(1, ge=1)
-    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["jsonl", "tensorboard"])
+    log_every_steps: int = Field(1, ge=1, description="optimiser steps between metrics log lines")
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"], description="metric sinks; wandb only when installed")
 
 
 class EvalConfig(_Section):
-    split: Literal["test", "validation"] = "test"
+    split: Literal["test", "validation"] = Field("test", description="split the variants are evaluated on")
     max_new_tokens: int | None = Field(None, ge=1, description="default: sampling.max_new_tokens")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="questions per generation batch")
     majority_k: int = Field(1, ge=1, description=">1: majority vote over k samples at sampling.temperature")
-    every_epoch: bool = True
+    every_epoch: bool = Field(True, description="evaluate after every epoch (else after the last)")
 
 
 class RunConfig(_Section):
     out_dir: str = Field("runs/default", description="everything the run writes lives here")
     store: str | None = Field(None, description="trace store file (default `<out_dir>/traces.sqlite`); runs that "
                                                 "share one never sample the same trace twice")
-    seed: int = 0
+    seed: int = Field(0, description="first training seed; the seeds are seed, seed+1, ...")
     seeds: int = Field(1, ge=1, description="train and evaluate each variant with this many seeds")
     threads: int | None = Field(None, ge=1, description="torch CPU threads for `run`/`demo` (default: torch's "
                                                          "choice; 1 is faster on a busy small CPU)")
-    variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS))
+    variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS),
+                                    description="rows of the results table to train and evaluate")
 
 
 class Config(_Section):
