@@ -294,6 +294,14 @@ def results_table(results: Mapping[str, Any]) -> str:
     return _md_table(["setting", col], rows)
 
 
+def model_label(model: Any) -> str:
+    """A model's name for titles: hub ids as they are, a local absolute path shortened to its last two parts
+    (`.../demo/assets/teacher` -> `assets/teacher`); results.json keeps the full path."""
+    text = str(model)
+    parts = Path(text).parts
+    return "/".join(parts[-2:]) if Path(text).is_absolute() and len(parts) > 2 else text
+
+
 def _run_header(results: Mapping[str, Any]) -> list[str]:
     variants = results["variants"]
     ns = sorted({e.get("n") for e in variants.values() if e.get("n") is not None})
@@ -444,7 +452,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _title(results: Mapping[str, Any]) -> str:
-    return f"{results.get('task', '')}: {results.get('student', '?')} taught by {results.get('teacher', '?')}"
+    return (f"{results.get('task', '')}: {model_label(results.get('student', '?'))} taught by "
+            f"{model_label(results.get('teacher', '?'))}")
 
 
 def plot_run(results: Mapping[str, Any], plots_dir: str | os.PathLike[str]) -> list[Path]:
