@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig, TaskConfig
+from .config import Config, ModelConfig, TaskConfig
+from .files import atomic_write_text
 from .sampling.base import Completion, Generator, SamplingParams
 from .tasks.base import Grade, Question, Task
 
@@ -184,26 +185,26 @@ def evaluate(generator: Generator, task: Task, questions: Sequence[Question], *,
     return result
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a reader (or a resumed run) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_predictions(path: str | os.PathLike[str], result: EvalResult) -> Path:
     """One JSON row per question, in question order, each with a `completion` field (the `score` format)."""
     p = Path(path)
-    _atomic_write_text(p, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions))
+    atomic_write_text(p, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions))
     return p
 
 
 def write_metrics(path: str | os.PathLike[str], result: EvalResult) -> Path:
     """`result.metrics()` as pretty JSON."""
     p = Path(path)
-    _atomic_write_text(p, json.dumps(result.metrics(), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(p, json.dumps(result.metrics(), indent=2, ensure_ascii=False) + "\n")
     return p
+
+
+def evaluate_with_config(generator: Generator, task: Task, questions: Sequence[Question], cfg: Config, *,
+                         progress: bool = True) -> EvalResult:
+    """`evaluate` with a run config's evaluation settings (the trainer's per-epoch eval, the sweeps' validation)."""
+    return evaluate(generator, task, list(questions), max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
+                    majority_k=cfg.eval.majority_k, temperature=cfg.sampling.temperature, seed=cfg.sampling.seed,
+                    batch_size=cfg.eval.batch_size, progress=progress, stop=tuple(cfg.sampling.stop))
 
 
 def run_eval(model: ModelConfig, task_cfg: TaskConfig, out_dir: str | os.PathLike[str] | None, *,

@@ -19,15 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, apply_overrides, config_from_dict, dump_config, parse_override
+from .files import atomic_write_text
 
 ORPO_STUDENT_NEGATIVES = ("orpo_off", "orpo_on", "orpo_mixed")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def seeds_of(cfg: Config) -> list[int]:
@@ -86,7 +80,7 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False) -> dict[s
 
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "config.yaml", dump_config(cfg))
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
     if cfg.run.threads:
         import torch
 
@@ -156,7 +150,7 @@ def build_results(cfg: Config, trained: Sequence[dict[str, Any]]) -> dict[str, A
 def validate_result(cfg: Config, result: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
     """Add `validation_eval` (greedy accuracy on the validation split) to a trainer result, cached in the
     variant's folder, so that sweeps can choose a setting without looking at test accuracy."""
-    from .evaluate import evaluate, write_metrics
+    from .evaluate import evaluate_with_config, write_metrics
     from .sampling.hf import HFGenerator
     from .tasks import load_questions, load_task
     from .train import variant_dir
@@ -169,12 +163,8 @@ def validate_result(cfg: Config, result: dict[str, Any], *, progress: bool = Tru
         return {**result, "validation_eval": json.loads(cached.read_text(encoding="utf-8"))}
     task = load_task(cfg.task)
     questions = load_questions(cfg.task, "validation")
-    model_dir = result.get("model_dir")
-    gen = HFGenerator.from_config(cfg.student, checkpoint=model_dir) if model_dir else HFGenerator.from_config(
-        cfg.student)
-    res = evaluate(gen, task, questions, max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
-                   majority_k=cfg.eval.majority_k, temperature=cfg.sampling.temperature, seed=cfg.sampling.seed,
-                   batch_size=cfg.eval.batch_size, progress=progress, stop=tuple(cfg.sampling.stop))
+    gen = HFGenerator.from_config(cfg.student, checkpoint=result.get("model_dir"))  # zero_shot: no model_dir
+    res = evaluate_with_config(gen, task, questions, cfg, progress=progress)
     write_metrics(cached, res)
     return {**result, "validation_eval": res.metrics()}
 

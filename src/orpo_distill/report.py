@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import VARIANTS
+from .files import atomic_write_text
 
 # The paper's names, in the paper's row order (ORPO with teacher negatives is its ablation row).
 VARIANT_NAMES: dict[str, str] = {
@@ -160,13 +161,6 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Seque
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # results dicts
 
@@ -197,7 +191,7 @@ def save_results(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) ->
     """Validate `results` and write it as `run_dir/results.json` (atomically)."""
     path = Path(run_dir) / "results.json"
     validate_results(results, str(path))
-    _atomic_write_text(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return path
 
 
@@ -422,7 +416,7 @@ def write_report(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) ->
     plots_dir = run_dir / "plots"
     written = plot_run(results, plots_dir)
     md = run_dir / "results.md"
-    _atomic_write_text(md, render_results_md(results, [p.relative_to(run_dir).as_posix() for p in written]))
+    atomic_write_text(md, render_results_md(results, [p.relative_to(run_dir).as_posix() for p in written]))
     return [md, *written]
 
 
@@ -734,9 +728,9 @@ def report_runs(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.Pa
     plot = plot_runs(data, out_dir / "plots" / "accuracy_across_runs.png")
     lines += ["## Plot", "", f"![accuracy across runs]({plot.relative_to(out_dir).as_posix()})", ""]
     md = out_dir / "report.md"
-    _atomic_write_text(md, "\n".join(lines).rstrip() + "\n")
+    atomic_write_text(md, "\n".join(lines).rstrip() + "\n")
     js = out_dir / "report.json"
-    _atomic_write_text(js, json.dumps({"runs": [str(d) for d in dirs], "differing_keys": differing, **data},
+    atomic_write_text(js, json.dumps({"runs": [str(d) for d in dirs], "differing_keys": differing, **data},
                                       indent=2, default=str) + "\n")
     return [md, js, plot]
 
@@ -894,11 +888,11 @@ def write_sweep_report(out_dir: str | os.PathLike[str], cells: Sequence[Mapping[
     ax.set_title(f"{title}: mean ± std over seeds", fontsize=10)
     plot = _save(fig, out_dir / "plots" / "sweep.png")
     md = out_dir / "sweep.md"
-    _atomic_write_text(md, f"# {title}\n\n{table}\nThe chosen setting is the one with the highest mean "
+    atomic_write_text(md, f"# {title}\n\n{table}\nThe chosen setting is the one with the highest mean "
                            "validation accuracy; test accuracy is reported, never used to choose.\n\n"
                            f"![sweep]({plot.relative_to(out_dir).as_posix()})\n")
     js = out_dir / "sweep.json"
-    _atomic_write_text(js, json.dumps({"cells": list(cells), "chosen": chosen.get("") if list(chosen) == [""]
+    atomic_write_text(js, json.dumps({"cells": list(cells), "chosen": chosen.get("") if list(chosen) == [""]
                                        else chosen}, indent=2, default=str) + "\n")
     return [md, js, plot]
 

@@ -51,6 +51,7 @@ import torch
 
 from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, rng_fork, save_checkpoint
 from .config import VARIANTS, Config, dump_config
+from .files import atomic_write_text
 from .loss import ORPOLoss, SFTLoss
 from .pairs import Encoded, Encoder, Example, Text, build_examples, collate, group_steps, mean_logps, plan_batches
 from .policy import INITIAL, TEACHER, NegativePolicy, QuestionPool, phi_for_epoch, restore_pools
@@ -298,7 +299,7 @@ def default_sampler(cfg: Config, variant: str, seed: int, task: Any, store: Any,
 
 def default_evaluator(cfg: Config, variant: str, seed: int, task: Any, questions: Sequence[Any],
                       progress: bool) -> Evaluator:
-    from .evaluate import evaluate
+    from .evaluate import evaluate_with_config
     from .sampling.hf import HFGenerator
     from .sampling.stage import model_identity
 
@@ -308,9 +309,7 @@ def default_evaluator(cfg: Config, variant: str, seed: int, task: Any, questions
         gen = HFGenerator(model, tokenizer, model_id=model_id, revision=student_revision(cfg, variant, seed, epoch),
                           template=cfg.student.template, system_prompt=cfg.student.system_prompt,
                           batch_size=cfg.eval.batch_size)
-        return evaluate(gen, task, list(questions), max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
-                        majority_k=cfg.eval.majority_k, temperature=cfg.sampling.temperature, seed=cfg.sampling.seed,
-                        batch_size=cfg.eval.batch_size, progress=progress, stop=tuple(cfg.sampling.stop))
+        return evaluate_with_config(gen, task, questions, cfg, progress=progress)
 
     return run
 
@@ -318,12 +317,6 @@ def default_evaluator(cfg: Config, variant: str, seed: int, task: Any, questions
 # --------------------------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------------------------
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def save_hf_model(model, tokenizer, path: Path, *, merge_lora: bool = True, card: str | None = None,
                   inplace: bool = False) -> Path:
@@ -401,7 +394,7 @@ class Logger:
         self.path = out_dir / "metrics.jsonl"
         if resume_lines is not None and self.path.exists():  # drop rows written after the checkpoint
             rows = self.path.read_text(encoding="utf-8").splitlines()[:resume_lines]
-            _atomic_write(self.path, "".join(r + "\n" for r in rows))
+            atomic_write_text(self.path, "".join(r + "\n" for r in rows))
         elif resume_lines is None and self.path.exists():
             self.path.unlink()
         self.lines = resume_lines or 0
@@ -502,7 +495,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
     if done.exists():
         return json.loads(done.read_text(encoding="utf-8"))
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "config.yaml", dump_config(cfg))
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
     tc = cfg.trainer
     epochs = tc.epochs
     seed_everything(seed)
@@ -531,7 +524,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
             costs["eval_seconds"] = time.perf_counter() - t0
             _write_predictions(res, out / "predictions" / "final.jsonl")
             result["final_eval"] = _eval_summary(res)
-        _atomic_write(done, json.dumps(result, indent=2))
+        atomic_write_text(done, json.dumps(result, indent=2))
         return result
 
     # -- 2. data: chosen texts, the negative policy, the tokeniser ----------------------------------------------
@@ -607,7 +600,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
                                rng=random.Random(f"plan:{seed}:{epoch}"))
         if pools:  # the record of where every negative of this epoch came from (kept after training)
             (out / "pools").mkdir(exist_ok=True)
-            _atomic_write(out / "pools" / f"epoch{epoch}.json",
+            atomic_write_text(out / "pools" / f"epoch{epoch}.json",
                           json.dumps({"epoch": epoch, "stats": pool_stats,
                                       "questions": [p.to_json() for p in pools.values()]}, indent=1))
         return {"epoch": epoch, "pools": {q: p.to_json() for q, p in pools.items()}, "pool_stats": pool_stats,
@@ -779,7 +772,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
     save_hf_model(raw_model, tokenizer, out / "model", merge_lora=tc.lora.merge_on_save,
                   card=model_card(cfg, variant, seed, result), inplace=True)
     logger.close()
-    _atomic_write(done, json.dumps(result, indent=2))
+    atomic_write_text(done, json.dumps(result, indent=2))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     shutil.rmtree(out / "sampling_model", ignore_errors=True)
     return result

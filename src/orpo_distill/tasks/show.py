@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_text
 from . import load_questions, load_task
 from .loading import LoadReport, TaskDataError
 from .prompts import render_prompt, uses_chat_template
@@ -31,11 +31,7 @@ def score_file(cfg: Any, predictions: str | os.PathLike[str], out: str | os.Path
     if cfg.skip_invalid:
         summary["skipped"] = len(report.skipped)
     if out is not None:
-        p = Path(out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, p)
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return summary
 
 
