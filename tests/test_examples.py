@@ -3,6 +3,7 @@ the example configs and scripts read data from the hub or a path the user gives,
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -33,10 +34,57 @@ def _text(p: Path) -> str | None:
 def test_no_tracked_file_names_a_machine_path():
     bad = []
     for p in _tracked():
-        if p.name == ".gitignore":  # ignore patterns such as /tmp/ are relative to the repo, not machine paths
+        if p.name == ".gitignore":  # its patterns are relative to the repo, not machine paths
             continue
         text = _text(p)
         for lineno, line in enumerate((text or "").splitlines(), 1):
             if any(m in line for m in MACHINE_PATHS):
                 bad.append(f"{p.relative_to(REPO)}:{lineno}: {line.strip()[:100]}")
     assert not bad, "machine-specific paths in tracked files:\n" + "\n".join(bad)
+
+
+def _examples() -> list[Path]:
+    found = sorted((REPO / "examples").glob("*.yaml"))
+    assert found, "examples/ has no configs"
+    return found
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet")
+
+
+def test_examples_read_data_from_the_hub_not_from_outside_the_checkout():
+    for f in [*_examples(), REPO / "examples" / "paper_all.sh"]:
+        assert "../" not in f.read_text(encoding="utf-8"), f"{f.name} reads a path outside the user's checkout"
+    for f in _examples():
+        cfg = load_config(f)
+        for split in ("train", "validation", "test"):
+            path = getattr(cfg.task, split).path
+            assert path is None or not _is_local(path), f"{f.name}: task.{split}.path={path!r} is a local path"
+
+
+def test_paper_all_script_passes_valid_overrides(tmp_path):
+    """Run the script with a stand-in `orpo-distill` that records its arguments; each run's overrides must load,
+    and TEST_DIR must point every task's test split at TEST_DIR/TASK/test.jsonl."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bindir / "orpo-distill"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> {calls}\nprintf "\\n" >> {calls}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", TEST_DIR="local")
+    subprocess.run(["bash", "examples/paper_all.sh"], cwd=REPO, env=env, check=True, timeout=60)
+    lines = [ln.rstrip("\0").split("\0") for ln in calls.read_text().split("\0\n") if ln.strip()]
+    runs = [a for a in lines if a[0] == "run"]
+    assert len(runs) == 10 and lines[-1][0] == "report" and len(lines[-1]) == 1 + 10 + 2
+    seen = set()
+    for args in runs:
+        cfg_path, out = args[1], args[3]
+        assert args[2] == "--out"
+        cfg = load_config(REPO / cfg_path, args[4:])
+        seen.add((cfg.task.name, cfg.student.model))
+        assert cfg.task.test.path == f"local/{cfg.task.name}/test.jsonl"
+        assert cfg.task.train.path is None  # the built-in task's hub dataset
+        assert cfg.student.trust_remote_code == cfg.student.model.startswith("internlm/")
+        assert out.endswith(f"/{cfg.task.name}")
+    assert len(seen) == 10
