@@ -1,9 +1,11 @@
-"""What ships works from a user's checkout: no tracked file names a path on the machine it was written on, and
-the example configs and scripts read data from the hub or a path the user gives, never from outside the repo."""
+"""What ships works from a user's checkout: no tracked file names a path on the machine it was written on, the
+example configs and scripts read data from the hub or a path the user gives (never from outside the repo), and the
+core install is lean and never pins torch."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -88,3 +90,32 @@ def test_paper_all_script_passes_valid_overrides(tmp_path):
         assert cfg.student.trust_remote_code == cfg.student.model.startswith("internlm/")
         assert out.endswith(f"/{cfg.task.name}")
     assert len(seen) == 10
+
+
+# Distribution name -> the module it provides, for the core dependencies.
+MODULE_OF = {"pyyaml": "yaml", "rouge-score": "rouge_score", "math-verify": "math_verify"}
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0].lower()
+
+
+def test_core_dependencies_are_all_imported_and_torch_is_never_pinned():
+    """A lean core install: every core dependency is imported by the package (optional ones such as TensorBoard
+    live in extras), and torch is a range everywhere so that pip never replaces the torch build installed first."""
+    project = _pyproject()
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "src" / "orpo_distill").rglob("*.py"))
+    unused = [req for req in project["dependencies"]
+              if not re.search(rf"^\s*(import|from) {MODULE_OF.get(_name(req), _name(req))}\b", source, re.M)]
+    assert not unused, f"core dependencies the package never imports (move them to an extra or drop them): {unused}"
+    extras = project["optional-dependencies"]
+    assert "tensorboard" in {_name(r) for r in extras["dev"]}, "the tests write TensorBoard logs"
+    assert "tensorboard" in {_name(r) for r in extras["tensorboard"]}
+    for group, reqs in [("dependencies", project["dependencies"]), *extras.items()]:
+        for req in reqs:
+            assert not (_name(req) == "torch" and "==" in req), f"{group} pins torch: {req}"
