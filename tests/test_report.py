@@ -267,3 +267,82 @@ def test_policy_pool_stats_are_read_as_shares(tmp_path):
     assert "negative_pool_by_epoch.png" in [p.name for p in written]
     md = (tmp_path / "results.md").read_text()
     assert "| mixed-policy ORPO | 2 | 50.00 | — | 50% | 12% | 38% | 0% | 2 | 0.25 |" in md
+
+
+def _strict_load(path):
+    """json.loads that refuses NaN/Infinity (what strict JSON readers do)."""
+    def bad(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=bad)
+
+
+def test_a_diverged_variant_is_null_in_json_and_diverged_in_tables_never_zero(tmp_path):
+    res = _results(seeds=2)
+    # every seed of orpo_on diverged (NaN accuracy); one of two seeds of orpo_off diverged
+    res["variants"]["orpo_on"] = aggregate([{"accuracy": math.nan, "n": 50, "seed": 0},
+                                            {"accuracy": None, "diverged": True, "n": 50, "seed": 1}])
+    res["variants"]["orpo_off"] = aggregate([_seed(0.6, 0), {"accuracy": math.inf, "n": 50, "seed": 1}])
+    res["variants"]["sft_single"] = {"accuracy": math.nan, "n": 50}  # as a trainer might hand it over
+    res["variants"]["orpo_mixed"]["per_epoch"][0]["loss"] = math.nan
+    save_results(tmp_path, res)
+    data = _strict_load(tmp_path / "results.json")  # strict: no NaN/Infinity tokens anywhere
+    assert data["variants"]["orpo_on"]["accuracy"] is None and data["variants"]["orpo_on"]["diverged"] is True
+    assert data["variants"]["sft_single"] == {"accuracy": None, "n": 50, "diverged": True}
+    assert data["variants"]["orpo_off"]["accuracy"] == pytest.approx(0.6)
+    assert data["variants"]["orpo_off"]["diverged_seeds"] == 1
+    assert data["variants"]["orpo_mixed"]["per_epoch"][0]["loss"] is None
+    write_report(tmp_path, load_results(tmp_path))
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    rows = dict((r[0], r[1]) for r in _table_rows(md, "| setting | synthetic |")[1:])
+    assert rows["on-policy ORPO"] == "diverged" and rows["single-CoT SFT"] == "diverged"
+    assert rows["off-policy ORPO"] == "60.00 (1 of 2 seeds diverged)"
+    assert "nan" not in md.lower() and "| on-policy ORPO | 0.00" not in md
+    # across runs and in sweeps: null in JSON, "diverged" in the table
+    save_results(tmp_path / "b", _results(seeds=2))
+    written = report_runs([tmp_path, tmp_path / "b"], tmp_path / "cmp")
+    rep = _strict_load(tmp_path / "cmp" / "report.json")
+    on = next(r for r in rep["rows"] if r["variant"] == "orpo_on")
+    assert on["cells"][0] is None
+    assert "diverged" in written[0].read_text(encoding="utf-8")
+    cells = [{"overrides": {"trainer.lr": 1e-3}, "validation": [math.nan], "test": [math.nan]},
+             {"overrides": {"trainer.lr": 1e-5}, "validation": [0.5], "test": [0.4]}]
+    write_sweep_report(tmp_path / "sw", cells)
+    sweep = _strict_load(tmp_path / "sw" / "sweep.json")
+    assert sweep["chosen"] == 1 and sweep["cells"][0]["validation"] == [None]
+
+
+def test_a_failed_savefig_leaves_no_temp_file_and_a_dead_writers_leftover_is_swept(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    res = _results(seeds=1)
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    # a previous run killed while plotting: a 0-byte hidden temp file of a process that no longer exists
+    # (the old naming .STEM.tmpPID.png and the current .NAME.tmpPID-HEX), and one of a live writer (this test)
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    old_style = plots / f".accuracy_by_variant.tmp{dead}.png"
+    new_style = plots / f".accuracy_by_variant.png.tmp{dead}-0a1b2c3d"
+    old_style.touch()
+    new_style.touch()
+    unrelated = plots / ".notes.txt"
+    unrelated.touch()
+
+    def full_disk(self, fname, *a, **k):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(tmp_path, res)
+    left = sorted(p.name for p in plots.iterdir())
+    assert left == [".notes.txt"]  # the failed write's temp file is gone, and so are the dead writer's
+    assert not (tmp_path / "results.md").exists()
+    monkeypatch.undo()
+    written = write_report(tmp_path, res)
+    assert all(p.is_file() and p.stat().st_size > 0 for p in written)
+    assert sorted(p.name for p in plots.iterdir() if p.name.startswith(".")) == [".notes.txt"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import VARIANTS
-from .files import atomic_write_text
+from .files import atomic_path, atomic_write_json, atomic_write_text
 
 # The paper's names, in the paper's row order (ORPO with teacher negatives is its ablation row).
 VARIANT_NAMES: dict[str, str] = {
@@ -37,7 +37,7 @@ assert tuple(VARIANT_NAMES) == VARIANTS
 PAPER_TASKS: dict[str, str] = {"medqa": "MedQA", "arc_challenge": "ARC-C", "strategyqa": "StrategyQA",
                                "openbookqa": "OBQA", "gsm8k": "GSM8K"}
 
-# ORPO-Distill (arXiv 2509.25100), accuracy %, as given by a secondary source (see ../shared/METHOD.md).
+# ORPO-Distill (arXiv 2509.25100), accuracy %, as given by a secondary source (see docs/METHOD.md).
 # Columns: MedQA, ARC-C, StrategyQA, OBQA, GSM8K, avg. Teacher: InternLM2.5-7B-Chat.
 PAPER_TEACHER = "InternLM2.5-7B-Chat"
 PAPER_RESULTS: dict[str, dict[str, tuple[float | None, ...]]] = {
@@ -92,15 +92,43 @@ def n_seeds(entry: Mapping[str, Any]) -> int:
     return len(seeds) if isinstance(seeds, Sequence) and not isinstance(seeds, str) and seeds else 1
 
 
+def _finite(x: Any) -> float | None:
+    """`x` as a float when it is a finite number, else None (NaN, inf, None, bool, text)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def accuracy_of(entry: Mapping[str, Any] | None) -> float | None:
+    """A variant entry's accuracy (0..1), None when missing or when the variant diverged (no accuracy exists)."""
+    return None if entry is None else _finite(entry.get("accuracy"))
+
+
+def is_diverged(entry: Mapping[str, Any] | None) -> bool:
+    """Whether every seed of a variant diverged (`"diverged": true`, or a NaN/inf accuracy): it has no accuracy
+    and is shown as "diverged", never as 0."""
+    if entry is None:
+        return False
+    acc = entry.get("accuracy")
+    return bool(entry.get("diverged")) or (isinstance(acc, float) and not math.isfinite(acc))
+
+
 def format_accuracy(entry: Mapping[str, Any] | None) -> str:
-    """'41.20' (percent), or '41.20 ± 1.35' when the entry has more than one seed; '—' when missing."""
-    if entry is None or entry.get("accuracy") is None:
+    """'41.20' (percent), or '41.20 ± 1.35' when the entry has more than one seed; '—' when missing; 'diverged'
+    when the variant diverged (with '(k of n seeds diverged)' appended when only some seeds did)."""
+    if is_diverged(entry):
+        return "diverged"
+    acc = accuracy_of(entry)
+    if acc is None:
         return _DASH
-    acc = 100.0 * float(entry["accuracy"])
-    std = entry.get("std")
-    if n_seeds(entry) > 1 and std is not None:
-        return f"{acc:.2f} ± {100.0 * float(std):.2f}"
-    return f"{acc:.2f}"
+    acc *= 100.0
+    std = _finite(entry.get("std"))
+    text = f"{acc:.2f} ± {100.0 * std:.2f}" if n_seeds(entry) > 1 and std is not None else f"{acc:.2f}"
+    k = entry.get("diverged_seeds")
+    if isinstance(k, int) and k > 0:
+        text += f" ({k} of {n_seeds(entry) + k} seeds diverged)"
+    return text
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -176,9 +204,12 @@ def validate_results(results: Mapping[str, Any], source: str = "<results>") -> N
         if not isinstance(e, Mapping):
             raise ValueError(f"{source}: variants.{name} must be an object")
         acc = e.get("accuracy")
-        if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0.0 <= float(acc) <= 1.0:
+        if is_diverged(e) and (acc is None or _finite(acc) is None):
+            pass  # a diverged variant has no accuracy
+        elif not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0.0 <= float(acc) <= 1.0:
             raise ValueError(f"{source}: variants.{name}.accuracy must be a number in 0..1 "
-                             f"(a fraction, not a percentage), got {acc!r}")
+                             f"(a fraction, not a percentage; null with \"diverged\": true for a variant that "
+                             f"diverged), got {acc!r}")
         for key in ("seeds", "per_epoch"):
             if key in e and e[key] is not None and not isinstance(e[key], list):
                 raise ValueError(f"{source}: variants.{name}.{key} must be a list")
@@ -188,11 +219,23 @@ def validate_results(results: Mapping[str, Any], source: str = "<results>") -> N
 
 
 def save_results(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> Path:
-    """Validate `results` and write it as `run_dir/results.json` (atomically)."""
+    """Validate `results` and write it as `run_dir/results.json` (atomically, strict JSON: a NaN/inf becomes null,
+    and a variant whose accuracy is NaN/inf is marked `"diverged": true`)."""
     path = Path(run_dir) / "results.json"
+    results = mark_diverged(results)
     validate_results(results, str(path))
-    atomic_write_text(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(path, results)
     return path
+
+
+def mark_diverged(results: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `results` where each variant with a non-finite accuracy has `accuracy: None, diverged: True`."""
+    out = dict(results)
+    variants = results.get("variants")
+    if isinstance(variants, Mapping):
+        out["variants"] = {name: ({**e, "accuracy": None, "diverged": True} if isinstance(e, Mapping)
+                                  and is_diverged(e) else e) for name, e in variants.items()}
+    return out
 
 
 def load_results(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -224,11 +267,20 @@ def aggregate(seed_results: Sequence[Mapping[str, Any] | Any]) -> dict[str, Any]
     if not seed_results:
         raise ValueError("aggregate: no seed results")
     accs: list[float] = []
+    diverged = 0
     for i, r in enumerate(seed_results):
         a = _get(r, "accuracy")
+        if _get(r, "diverged") or (isinstance(a, float) and not math.isfinite(a)):
+            diverged += 1  # no accuracy exists for a diverged seed: not averaged in as 0
+            continue
         if not isinstance(a, (int, float)) or isinstance(a, bool):
             raise ValueError(f"aggregate: seed result {i} has no numeric 'accuracy' (got {a!r})")
         accs.append(float(a))
+    if not accs:
+        return {"accuracy": None, "std": None, "diverged": True, "diverged_seeds": diverged, "seeds": [],
+                "n": _get(seed_results[0], "n")}
+    seed_results = [r for r in seed_results if _finite(_get(r, "accuracy")) is not None
+                    and not _get(r, "diverged")]
     ns = {_get(r, "n") for r in seed_results}
     if len(ns) > 1:
         raise ValueError(f"aggregate: seeds were evaluated on different numbers of questions {sorted(ns, key=str)}; "
@@ -240,6 +292,8 @@ def aggregate(seed_results: Sequence[Mapping[str, Any] | Any]) -> dict[str, Any]
     seed_ids = [_get(r, "seed") for r in seed_results]
     if all(s is not None for s in seed_ids):
         out["seed_ids"] = seed_ids
+    if diverged:
+        out["diverged_seeds"] = diverged
     epochs = [list(_get(r, "per_epoch") or []) for r in seed_results]
     if any(epochs):
         out["per_epoch"] = _aggregate_epochs(epochs)
@@ -247,7 +301,7 @@ def aggregate(seed_results: Sequence[Mapping[str, Any] | Any]) -> dict[str, Any]
 
 
 def _mean_of(values: Sequence[Any]) -> float | None:
-    xs = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    xs = [x for x in map(_finite, values) if x is not None]
     return sum(xs) / len(xs) if xs else None
 
 
@@ -263,7 +317,7 @@ def _aggregate_epochs(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[d
         keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("epoch", "pool")]
         for k in keys:
             agg[k] = _mean_of([r.get(k) for r in rows])
-        accs = [float(r["accuracy"]) for r in rows if isinstance(r.get("accuracy"), (int, float))]
+        accs = [x for x in (_finite(r.get("accuracy")) for r in rows) if x is not None]
         if len(accs) > 1:
             agg["accuracy_std"] = _mean_std(accs)[1]
         pools = [pool_makeup(r["pool"]) for r in rows if isinstance(r.get("pool"), Mapping)]
@@ -324,8 +378,10 @@ def _details_table(results: Mapping[str, Any]) -> str:
         e = variants[v]
         seeds = e.get("seeds") or []
         up = e.get("unparsed")
-        rows.append([variant_label(v), f"{100 * e['accuracy']:.2f}",
-                     f"{100 * e['std']:.2f}" if e.get("std") is not None and n_seeds(e) > 1 else _DASH,
+        acc, std = accuracy_of(e), _finite(e.get("std"))
+        rows.append([variant_label(v), "diverged" if is_diverged(e) else f"{100 * acc:.2f}" if acc is not None
+                     else _DASH,
+                     f"{100 * std:.2f}" if std is not None and n_seeds(e) > 1 else _DASH,
                      str(n_seeds(e)), _fmt_value(e.get("n")) if e.get("n") is not None else _DASH,
                      _fmt_value(up) if up is not None else _DASH,
                      ", ".join(f"{100 * float(s):.2f}" for s in seeds) if seeds else _DASH])
@@ -346,13 +402,14 @@ def _epochs_table(results: Mapping[str, Any]) -> str | None:
                 x = pool.get(k)
                 return f"{100 * float(x):.0f}%" if isinstance(x, (int, float)) else _DASH
 
-            acc = ep.get("accuracy")
-            loss = ep.get("loss")
+            acc = _finite(ep.get("accuracy"))
+            loss = _finite(ep.get("loss"))
             none = pool.get("none")
             age = pool.get("mean_age")
             rows.append([variant_label(v), str(ep["epoch"]),
-                         f"{100 * float(acc):.2f}" if isinstance(acc, (int, float)) else _DASH,
-                         f"{float(loss):.4f}" if isinstance(loss, (int, float)) else _DASH,
+                         f"{100 * acc:.2f}" if acc is not None else _DASH,
+                         f"{loss:.4f}" if loss is not None else ("diverged" if ep.get("loss") is not None
+                                                                 else _DASH),
                          *[share(src) for src in sources],
                          _fmt_value(none) if none is not None else _DASH,
                          f"{float(age):.2f}" if isinstance(age, (int, float)) else _DASH])
@@ -412,6 +469,7 @@ def write_report(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) ->
     pool's make-up by epoch for each ORPO variant (a plot is skipped when the results have no data for it).
     """
     run_dir = Path(run_dir)
+    results = mark_diverged(results)
     validate_results(results, str(run_dir / "results.json"))
     plots_dir = run_dir / "plots"
     written = plot_run(results, plots_dir)
@@ -438,10 +496,9 @@ def _color(name: str, i: int = 0) -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    # format= because the temporary name has no .png suffix; a failed or interrupted savefig leaves no temp file.
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     return path
 
 
@@ -468,15 +525,18 @@ def plot_accuracy_by_variant(results: Mapping[str, Any], path: str | os.PathLike
 
     variants = results["variants"]
     names = ordered_variants(list(variants))
-    accs = [100 * float(variants[v]["accuracy"]) for v in names]
-    errs = [100 * float(variants[v].get("std") or 0.0) if n_seeds(variants[v]) > 1 else 0.0 for v in names]
+    # A diverged variant has no bar (height 0) and is labelled "diverged", not "0.0".
+    accs = [100 * (accuracy_of(variants[v]) or 0.0) for v in names]
+    errs = [100 * (_finite(variants[v].get("std")) or 0.0) if n_seeds(variants[v]) > 1 else 0.0 for v in names]
+    gone = [accuracy_of(variants[v]) is None for v in names]
     fig = Figure(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))
     ax = fig.add_subplot()
     xs = list(range(len(names)))
     bars = ax.bar(xs, accs, yerr=errs, capsize=4, color=[_color(v, i) for i, v in enumerate(names)],
                   edgecolor="black", linewidth=0.5)
-    for b, a, e in zip(bars, accs, errs, strict=True):
-        ax.annotate(f"{a:.1f}" + (f"±{e:.1f}" if e else ""), (b.get_x() + b.get_width() / 2, a + e),
+    for b, a, e, g, v in zip(bars, accs, errs, gone, names, strict=True):
+        label = ("diverged" if is_diverged(variants[v]) else "n/a") if g else f"{a:.1f}" + (f"±{e:.1f}" if e else "")
+        ax.annotate(label, (b.get_x() + b.get_width() / 2, a + e),
                     xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(xs, [variant_label(v) for v in names], rotation=25, ha="right")
     ax.set_ylabel("accuracy (%)")
@@ -503,16 +563,16 @@ def plot_epochs(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Pat
     any_loss = False
     for i, (v, eps) in enumerate(series.items()):
         c = _color(v, i)
-        pts = [(ep["epoch"], 100 * float(ep["accuracy"])) for ep in eps
-               if isinstance(ep.get("accuracy"), (int, float))]
+        pts = [(ep["epoch"], 100 * _finite(ep.get("accuracy"))) for ep in eps
+               if _finite(ep.get("accuracy")) is not None]
         if pts:
             ax_acc.plot(*zip(*pts, strict=True), marker="o", color=c, label=variant_label(v))
-            errs = [100 * float(ep.get("accuracy_std") or 0.0) for ep in eps
-                    if isinstance(ep.get("accuracy"), (int, float))]
+            errs = [100 * (_finite(ep.get("accuracy_std")) or 0.0) for ep in eps
+                    if _finite(ep.get("accuracy")) is not None]
             if any(errs):
                 ax_acc.fill_between([p[0] for p in pts], [p[1] - e for p, e in zip(pts, errs, strict=True)],
                                     [p[1] + e for p, e in zip(pts, errs, strict=True)], color=c, alpha=0.15)
-        lpts = [(ep["epoch"], float(ep["loss"])) for ep in eps if isinstance(ep.get("loss"), (int, float))]
+        lpts = [(ep["epoch"], _finite(ep.get("loss"))) for ep in eps if _finite(ep.get("loss")) is not None]
         if lpts:
             any_loss = True
             ax_loss.plot(*zip(*lpts, strict=True), marker="o", color=c, label=variant_label(v))
@@ -651,14 +711,19 @@ def runs_table(runs: Sequence[Mapping[str, Any]], names: Sequence[str]) -> tuple
 
     def avg(g: str, v: str) -> str:
         es = [entry(g, t, v) for t in tasks]
-        if any(e is None for e in es):
+        if any(is_diverged(e) for e in es):
+            return "diverged"
+        accs = [accuracy_of(e) for e in es]
+        if any(a is None for a in accs):
             return _DASH
-        return f"{100 * sum(float(e['accuracy']) for e in es) / len(es):.2f}"
+        return f"{100 * sum(accs) / len(accs):.2f}"
 
     def acc_std(e: Mapping[str, Any] | None) -> tuple[float | None, float | None]:
-        if e is None:
+        acc = accuracy_of(e)
+        if e is None or acc is None:
             return None, None
-        return float(e["accuracy"]), (float(e["std"]) if n_seeds(e) > 1 and e.get("std") is not None else None)
+        std = _finite(e.get("std"))
+        return acc, (std if n_seeds(e) > 1 else None)
 
     data: dict[str, Any] = {"rows": []}
     if len(group_list) > 1 and len(tasks) == 1:
@@ -730,8 +795,7 @@ def report_runs(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.Pa
     md = out_dir / "report.md"
     atomic_write_text(md, "\n".join(lines).rstrip() + "\n")
     js = out_dir / "report.json"
-    atomic_write_text(js, json.dumps({"runs": [str(d) for d in dirs], "differing_keys": differing, **data},
-                                      indent=2, default=str) + "\n")
+    atomic_write_json(js, {"runs": [str(d) for d in dirs], "differing_keys": differing, **data}, default=str)
     return [md, js, plot]
 
 
@@ -785,7 +849,7 @@ def _cell_stats(xs: Any) -> tuple[float, float, int] | None:
         return None
     if isinstance(xs, (int, float)) and not isinstance(xs, bool):
         xs = [xs]
-    vals = [float(x) for x in xs if x is not None]
+    vals = [x for x in map(_finite, xs) if x is not None]  # a diverged seed has no accuracy
     if not vals:
         return None
     m, s = _mean_std(vals)
@@ -892,8 +956,8 @@ def write_sweep_report(out_dir: str | os.PathLike[str], cells: Sequence[Mapping[
                            "validation accuracy; test accuracy is reported, never used to choose.\n\n"
                            f"![sweep]({plot.relative_to(out_dir).as_posix()})\n")
     js = out_dir / "sweep.json"
-    atomic_write_text(js, json.dumps({"cells": list(cells), "chosen": chosen.get("") if list(chosen) == [""]
-                                       else chosen}, indent=2, default=str) + "\n")
+    atomic_write_json(js, {"cells": list(cells), "chosen": chosen.get("") if list(chosen) == [""] else chosen},
+                      default=str)
     return [md, js, plot]
 
 
