@@ -51,10 +51,12 @@ import torch
 
 from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, rng_fork, save_checkpoint
 from .config import VARIANTS, Config, dump_config
+from .errors import TrainingDiverged, UserError
 from .files import atomic_write_text
 from .loss import ORPOLoss, SFTLoss
 from .pairs import Encoded, Encoder, Example, Text, build_examples, collate, group_steps, mean_logps, plan_batches
 from .policy import INITIAL, TEACHER, NegativePolicy, QuestionPool, phi_for_epoch, restore_pools
+from .run_traces import initial_student_query, other_revisions, refresh_query, select, teacher_query
 
 log = logging.getLogger(__name__)
 
@@ -97,39 +99,113 @@ def variant_dir(cfg: Config, variant: str, seed: int) -> Path:
     return Path(cfg.run.out_dir) / "variants" / variant / f"seed{seed}"
 
 
+# Every key of the config schema, classified (tests/test_config_hash.py fails on a key missing here, so each new
+# key must be decided): "weights" keys shape the trained weights or which traces are trained on (they are hashed
+# into `config_hash`, which guards resume, keys the student-refresh traces and is compared when a finished variant
+# is found); "eval" keys shape only the evaluation (`eval_fingerprint`); "neither" keys change where outputs go,
+# what is logged, speed or memory, never a number of the result (sampling and evaluation draw per-sample streams,
+# so batch sizes do not change what is drawn). A teacher's trace-store identity is its model id and revision
+# (prompt format included), so its serving settings are "neither": the store already says which traces exist.
+HASH_CLASSES: dict[str, str] = {
+    **dict.fromkeys(["run.out_dir", "run.store", "run.seed", "run.seeds", "run.threads", "run.variants"], "neither"),
+    **dict.fromkeys(["task.name", "task.kind", "task.fields", "task.grader", "task.skip_invalid", "task.synthetic",
+                     *(f"task.train.{k}" for k in ("path", "split", "subset", "limit", "sample_seed"))], "weights"),
+    **dict.fromkeys([f"task.{s}.{k}" for s in ("validation", "test")
+                     for k in ("path", "split", "subset", "limit", "sample_seed")], "eval"),
+    **dict.fromkeys([f"teacher.{k}" for k in ("model", "revision", "gguf_file", "template", "system_prompt",
+                                              "endpoint")], "weights"),
+    **dict.fromkeys([f"teacher.{k}" for k in ("backend", "dtype", "device", "trust_remote_code", "batch_size",
+                                              "base_url", "api_key_env", "concurrency", "max_retries", "timeout_s",
+                                              "requests_per_minute", "tokens_per_minute", "cost_per_1k_input",
+                                              "cost_per_1k_output", "vllm_args")], "neither"),
+    # the student: its identity, and how the live student is sampled between epochs (backend, engine arguments)
+    **dict.fromkeys([f"student.{k}" for k in ("model", "revision", "gguf_file", "template", "system_prompt",
+                                              "endpoint", "backend", "vllm_args", "trust_remote_code")], "weights"),
+    **dict.fromkeys([f"student.{k}" for k in ("dtype", "device", "batch_size", "base_url", "api_key_env",
+                                              "concurrency", "max_retries", "timeout_s", "requests_per_minute",
+                                              "tokens_per_minute", "cost_per_1k_input", "cost_per_1k_output")],
+                    "neither"),
+    **dict.fromkeys([f"sampling.{k}" for k in ("k", "student_k", "temperature", "top_p", "max_new_tokens", "stop",
+                                               "seed", "rouge_threshold")], "weights"),
+    **dict.fromkeys([f"pairs.{k}" for k in ("strategy", "max_pairs_per_question", "max_length",
+                                            "max_prompt_length")], "weights"),
+    **dict.fromkeys([f"policy.{k}" for k in ("phi", "schedule", "phi_start", "phi_end", "teacher_negatives_fallback",
+                                             "gold_rationale_fallback", "unparsed_negatives")], "weights"),
+    **dict.fromkeys(["objective.lam", "objective.nll_scope", "objective.nll_reduction"], "weights"),
+    "objective.chunk_size": "neither",  # a memory knob: the chunked log-probs equal the unchunked ones
+    **dict.fromkeys([f"trainer.{k}" for k in ("epochs", "lr", "batch_size", "grad_accum", "warmup_ratio",
+                                              "lr_scheduler", "weight_decay", "max_grad_norm", "precision",
+                                              "group_by_length")], "weights"),
+    **dict.fromkeys([f"trainer.lora.{k}" for k in ("enabled", "r", "alpha", "dropout", "target_modules",
+                                                   "merge_on_save")], "weights"),
+    # non-reentrant checkpointing recomputes with the saved RNG state: the same gradients, less memory
+    **dict.fromkeys(["trainer.gradient_checkpointing", "trainer.save_every_steps", "trainer.log_every_steps",
+                     "trainer.report_to"], "neither"),
+    **dict.fromkeys(["eval.split", "eval.max_new_tokens", "eval.majority_k", "eval.every_epoch"], "eval"),
+    "eval.batch_size": "neither",
+}
+
+
+def config_leaves(model: Any = Config, prefix: str = "") -> list[str]:
+    """Every leaf key of the config schema, dotted (sections are walked, dict-valued keys are leaves)."""
+    from pydantic import BaseModel
+
+    out: list[str] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += config_leaves(ann, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def _keys_of_class(cfg: Config, cls: str) -> dict[str, Any]:
+    data = cfg.model_dump(mode="json")
+    picked: dict[str, Any] = {}
+    for key in config_leaves():
+        # an unclassified key (a test catches it) is hashed: refusing a resume is safer than a silent mix-up
+        if HASH_CLASSES.get(key, "weights") == cls:
+            node: Any = data
+            for part in key.split("."):
+                node = node[part]
+            picked[key] = node
+    return picked
+
+
+def _short_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def config_hash(cfg: Config) -> str:
-    """A short hash of everything that shapes the trained weights (not the output folder, variants or eval)."""
-    d = cfg.model_dump(mode="json")
-    for k in ("run", "eval"):
-        d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    """A short hash of the config keys that shape the trained weights or the traces trained on (`HASH_CLASSES`)."""
+    return _short_hash(_keys_of_class(cfg, "weights"))
+
+
+def identity_hash(cfg: Config) -> str:
+    """`config_hash` plus the resolved identities (model id, revision) of the teacher and the initial student, so
+    a model folder updated in place makes another run even with the same config."""
+    from .run_traces import model_revision
+
+    return _short_hash({"config": config_hash(cfg), "teacher": list(model_revision(cfg.teacher)),
+                        "student": list(model_revision(cfg.student))})
+
+
+def eval_fingerprint(cfg: Config) -> str:
+    """A short hash of what a variant's evaluation depends on besides its weights: the "eval" keys of
+    `HASH_CLASSES` (split and its data, max new tokens, majority vote, every epoch)."""
+    return _short_hash(_keys_of_class(cfg, "eval"))
 
 
 def student_revision(cfg: Config, variant: str, seed: int, epochs_trained: int) -> str:
     """The revision recorded with the traces of the student after `epochs_trained` epochs of one variant/seed:
     deterministic, so a resumed run finds the traces it already sampled."""
-    return f"{variant}/seed{seed}/epoch{epochs_trained}/{config_hash(cfg)}"
+    return f"{variant}/seed{seed}/epoch{epochs_trained}/{identity_hash(cfg)}"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Reading traces from the store
+# Reading traces from the store (every query by full identity: run_traces.py)
 # --------------------------------------------------------------------------------------------------------------
-
-def _params_match(trace: Any, want: dict[str, Any]) -> bool:
-    got = dict(trace.params)
-    got.pop("n", None)
-    got["stop"] = list(got.get("stop") or [])
-    return got == want
-
-
-def _wanted_params(cfg: Config, role: str) -> tuple[dict[str, Any], int]:
-    from .sampling.stage import params_from_config
-
-    p = params_from_config(cfg, role)
-    d = p.as_dict()
-    d.pop("n")
-    return d, p.n
-
 
 def _by_question(traces: Sequence[Any]) -> dict[str, list[Text]]:
     out: dict[str, list[Text]] = {}
@@ -139,14 +215,9 @@ def _by_question(traces: Sequence[Any]) -> dict[str, list[Text]]:
 
 
 def teacher_chosen(cfg: Config, store: Any, question_ids: Sequence[str]) -> dict[str, list[Text]]:
-    """The kept correct teacher traces of each question (this run's teacher and sampling settings, first k)."""
-    from .sampling.stage import model_identity
-
-    want, k = _wanted_params(cfg, "teacher")
-    model_id = model_identity(cfg.teacher)[0]
-    got = [t for t in store.traces(role="teacher", question_ids=list(question_ids), verdict="correct", kept=True)
-           if t.model_id == model_id and t.sample_index < k and _params_match(t, want)]
-    return _by_question(got)
+    """The kept correct traces of each question by this run's teacher (model id and revision, sampling settings,
+    the first k sample indices)."""
+    return _by_question(select(store, teacher_query(cfg), question_ids, verdicts=("correct",), kept=True))
 
 
 def negative_verdicts(cfg: Config) -> tuple[str, ...]:
@@ -154,30 +225,20 @@ def negative_verdicts(cfg: Config) -> tuple[str, ...]:
 
 
 def make_loader(cfg: Config, store: Any, variant: str, seed: int) -> Callable[[str, Sequence[str]], dict[str, list[Text]]]:
-    """`load(source, question_ids)` for the policy: the stored wrong traces of the teacher, of the initial student,
-    or of this variant/seed's student after epoch E."""
-    from .sampling.stage import model_identity
-
+    """`load(source, question_ids)` for the policy: the stored wrong traces of this run's teacher, of its initial
+    student, or of this variant/seed's student after epoch E (each by full identity, run_traces.py)."""
     verdicts = negative_verdicts(cfg)
-    t_want, t_k = _wanted_params(cfg, "teacher")
-    s_want, s_k = _wanted_params(cfg, "student")
-    teacher_id = model_identity(cfg.teacher)[0]
-    student_id = model_identity(cfg.student)[0]
+    fixed = {TEACHER: teacher_query(cfg), INITIAL: initial_student_query(cfg)}
 
     def load(source: str, question_ids: Sequence[str]) -> dict[str, list[Text]]:
         if not question_ids:
             return {}
-        role = "teacher" if source == TEACHER else "student"
-        rows = store.traces(role=role, source=source, question_ids=list(question_ids))
-        if source == TEACHER:
-            keep = [t for t in rows if t.model_id == teacher_id and t.sample_index < t_k and _params_match(t, t_want)]
+        if source in fixed:
+            q = fixed[source]
         else:
-            keep = [t for t in rows if t.model_id == student_id and t.sample_index < s_k and _params_match(t, s_want)]
-            if source != INITIAL:
-                epochs = int(source.split(":", 1)[1])
-                rev = student_revision(cfg, variant, seed, epochs)
-                keep = [t for t in keep if t.revision == rev]
-        return _by_question([t for t in keep if t.verdict in verdicts])
+            epochs = int(source.split(":", 1)[1])
+            q = refresh_query(cfg, epochs, student_revision(cfg, variant, seed, epochs))
+        return _by_question(select(store, q, question_ids, verdicts=verdicts))
 
     return load
 
@@ -782,33 +843,39 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
 # The stage: all requested variants and seeds of a run (what `orpo-distill train` calls)
 # --------------------------------------------------------------------------------------------------------------
 
-class MissingTraces(RuntimeError):
-    """The store lacks the traces training needs; the message names the command that samples them."""
+class MissingTraces(UserError):
+    """The store lacks the traces training needs; the message names the command that samples them (exit 2)."""
 
 
 def check_traces(cfg: Config, store: Any, variants: Sequence[str], question_ids: Sequence[str]) -> None:
-    """Fail early, naming the command to run, when the teacher's or the initial student's traces are missing."""
+    """Fail early, naming the command to run, when this run's teacher or initial student traces (by full identity,
+    run_traces.py) are missing."""
     from .sampling.stage import store_path
 
     where = store_path(cfg)
+    qids = list(question_ids)
+
+    def others(q: Any) -> str:
+        revs = other_revisions(store, q, qids)
+        return (f" (the store has {q.model_id} traces of other revisions: {', '.join(revs[:3])}; this run's is "
+                f"{q.revision}: the model folder, revision, prompt format or sampling settings changed)"
+                if revs else "")
+
     needs_teacher = any(variant_spec(v).objective != "none" for v in variants)
-    if needs_teacher and not store.traces(role="teacher", question_ids=list(question_ids)):
-        raise MissingTraces(f"no teacher traces for this run's train questions in {where}; run `orpo-distill "
-                            "traces teacher CONFIG` first (with the same overrides)")
-    if needs_teacher and not cfg.policy.gold_rationale_fallback and not teacher_chosen(cfg, store, question_ids):
+    tq = teacher_query(cfg)
+    if needs_teacher and not select(store, tq, qids):
+        raise MissingTraces(f"no teacher traces for this run's train questions in {where}{others(tq)}; run "
+                            "`orpo-distill traces teacher CONFIG` first (with the same overrides)")
+    if needs_teacher and not cfg.policy.gold_rationale_fallback and not teacher_chosen(cfg, store, qids):
         raise MissingTraces(f"the teacher traces in {where} answer none of this run's train questions correctly "
                             "(with these sampling settings); check the teacher and `orpo-distill traces stats "
                             "CONFIG`, re-run `orpo-distill traces teacher CONFIG` with the same overrides, or set "
                             "policy.gold_rationale_fallback=true")
     if any(variant_spec(v).negatives == "student" for v in variants):
-        from .sampling.stage import model_identity
-
-        student_id = model_identity(cfg.student)[0]
-        have = [t for t in store.traces(role="student", source=INITIAL, question_ids=list(question_ids))
-                if t.model_id == student_id]
-        if not have:
-            raise MissingTraces(f"no initial student traces for this run's train questions in {where}; run "
-                                "`orpo-distill traces student CONFIG` first (with the same overrides)")
+        sq = initial_student_query(cfg)
+        if not select(store, sq, qids):
+            raise MissingTraces(f"no initial student traces for this run's train questions in {where}{others(sq)}; "
+                                "run `orpo-distill traces student CONFIG` first (with the same overrides)")
 
 
 def run_train(cfg: Config, *, variants: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
