@@ -29,8 +29,51 @@ def ref_log_odds(c: float, r: float) -> float:
         return float(mpmath.log((qc / (1 - qc)) / (qr / (1 - qr))))
 
 
-GRID = [-1e-6, -1e-5, -1e-3, -0.01, -0.1, -0.5, -0.69, -0.6931471805599453, -0.7, -1.0, -2.0, -5.0, -20.0,
-        -100.0, -1e3, -1e4]
+GRID = [-1e-12, -1e-10, -1e-9, -1e-8, -1e-7, -5e-7, -1e-6, -1e-5, -1e-3, -0.01, -0.1, -0.5, -0.69,
+        -0.6931471805599453, -0.7, -1.0, -2.0, -5.0, -20.0, -100.0, -1e3, -1e4]
+
+
+def ref_log1mexp(x: float) -> float:
+    """log(1 - exp(x)) with 60 digits (mpmath), independent of loss.py."""
+    with mpmath.workdps(60):
+        return float(mpmath.log(1 - mpmath.exp(mpmath.mpf(x))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_log1mexp_relative_error_down_to_tiny_l(dtype):
+    """No clamp below 0: a memorised trace's mean log-prob of -1e-9 gets its exact log(1 - q), not that of
+    -1e-7 (the old clamp gave log1mexp(-1e-9) = log(1e-7), 10% off, and a zero gradient)."""
+    x = torch.tensor(GRID, dtype=dtype)
+    got = log1mexp(x)
+    floor = torch.finfo(got.dtype).tiny  # far from 0 the result underflows (-e^-1e4): relative error is moot
+    for xi, gi in zip(x.double().tolist(), got.double().tolist()):
+        want = ref_log1mexp(xi)  # at exactly the value the function saw
+        assert abs(gi - want) <= 1e-4 * abs(want) + floor, (xi, gi, want)
+
+
+def test_log1mexp_gradient_is_exact_near_zero():
+    x = torch.tensor([-1e-12, -1e-9, -1e-7, -1e-3, -0.5], requires_grad=True)
+    log1mexp(x).sum().backward()
+    # d/dx log(1 - e^x) = -e^x / (1 - e^x)
+    want = torch.tensor([-math.exp(v) / -math.expm1(v) for v in [-1e-12, -1e-9, -1e-7, -1e-3, -0.5]])
+    assert torch.allclose(x.grad.double(), want.double(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_zero_and_any_input_give_finite_values_and_gradients(dtype):
+    specials = [0.0, -0.0, 1e-7, 3.0, float("inf"), float("-inf"), -1e-45, -1e-38, -1e-30]
+    x = torch.tensor(specials, dtype=dtype, requires_grad=True)
+    y = log1mexp(x)
+    y.sum().backward()
+    assert torch.isfinite(y[:5]).all() and not torch.isnan(y).any()
+    assert torch.isfinite(x.grad.float()).all()
+    assert x.grad[0].item() == 0 and x.grad[1].item() == 0  # 0 and -0 are the clamped certain model
+    c = torch.tensor(specials, dtype=dtype, requires_grad=True)
+    r = torch.tensor([-1.0] * len(specials), dtype=dtype, requires_grad=True)
+    lor = log_odds_ratio(c, r)
+    (-torch.nn.functional.logsigmoid(lor)).sum().backward()
+    assert not torch.isnan(lor).any() and torch.isfinite(lor[:4]).all()
+    assert torch.isfinite(c.grad.float()).all() and torch.isfinite(r.grad.float()).all()
 
 
 def test_log_odds_ratio_matches_float64_definition():
@@ -69,6 +112,14 @@ def test_log1mexp_branches_agree_with_float64():
     x = torch.tensor(GRID, dtype=torch.float64)
     want = torch.log(-torch.expm1(x))
     assert torch.allclose(log1mexp(x), want, rtol=1e-12)
+
+
+def test_log_odds_ratio_tiny_chosen_logp_is_not_clamped():
+    # -1e-9 and -1e-8 used to collapse onto the same clamped value (-1e-7): now their log-odds differ by ln 10
+    c = torch.tensor([-1e-9, -1e-8])
+    r = torch.tensor([-1.0, -1.0])
+    lor = log_odds_ratio(c, r)
+    assert (lor[0] - lor[1]).item() == pytest.approx(math.log(10.0), rel=1e-4)
 
 
 def test_gradcheck_log_odds_and_objective():

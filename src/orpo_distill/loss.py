@@ -8,18 +8,30 @@ term that pushes the *odds* q/(1-q) of the chosen completion above those of the 
     log odds(y) = log q - log(1 - q) = l - log1mexp(l),  l = log q.
 
 Everything that touches log-probabilities is done in float32 whatever the model's dtype, and log(1 - e^l) uses
-the stable log1mexp, clamped just below 0 so that a confident model (l rounds to exactly 0) gives finite values
-and gradients instead of the NaN of the naive `log1p(-exp(l))`.
+the stable log1mexp (log(-expm1(l)) near 0), exact down to the tiniest |l| a float32 mean log-prob reaches
+(a memorised trace gives l = -1e-9); only l = 0 itself (a certain model) and positive rounding noise are moved
+to the smallest normal negative number, behind a `where`/`clamp` whose gradient is zero, so values and gradients
+stay finite instead of the NaN of the naive `log1p(-exp(l))`.
 
 Memory: the LM head is applied only to the positions that are scored, in chunks of `chunk_size` rows, each chunk
 under activation checkpointing, so no float32 [batch, seq, vocab] tensor ever exists (peak memory grows with
-`chunk_size x vocab`, not `batch x seq x vocab`). `sequence_logps_naive` is the plain full-logits path, kept as
-the reference for tests and benchmarks.
+`chunk_size x vocab`, not `batch x seq x vocab`). The chunked path applies the known transforms between the head
+and the logits (Granite's `logits_scaling`, Cohere's `logit_scale`, Gemma-2/3's `final_logit_softcapping`), and
+the first time a model is scored it is checked once against the model's own forward (`verify_chunked_head`); a
+model whose logits it does not reproduce is scored through the full-logits forward instead, with a warning
+about memory. `sequence_logps_naive` is that full-logits path, also the reference for tests and benchmarks.
+
+Gradient accumulation: with `StepTotals` (from `step_totals` over all micro-batches of an optimiser step) the
+losses return each micro-batch's share of the step's loss, so the summed backward passes of a step equal one
+backward over the step as a single batch, whatever the micro-batch sizes (a short last micro-batch weighs what
+its examples weigh; `nll_reduction: token` pools over the whole step's tokens).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-# l = log q is clamped to at most this, so that log1mexp(l) stays finite when a model is (or rounds to) certain.
-# -1e-7 is about float32's resolution around 1: below it, q and 1 are indistinguishable anyway.
-LOGP_MAX = -1e-7
+log = logging.getLogger(__name__)
+
 _LN2 = math.log(2.0)
+# The attribute under which a model records the result of its one-time chunked-head check (True: chunked path
+# reproduces the model's logits). Kept on the model itself, so the check runs once per model, not once per call.
+_HEAD_CHECK_ATTR = "_orpo_distill_chunked_head_ok"
+# Rows and tokens of the one-time check: enough to see a wrong head transform, small enough to cost nothing.
+_CHECK_ROWS, _CHECK_TOKENS = 2, 64
 
 
 def _at_least_f32(x: Tensor) -> Tensor:
@@ -41,10 +57,13 @@ def _at_least_f32(x: Tensor) -> Tensor:
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x <= 0, stable everywhere (Maechler 2012), in float32 or wider.
 
-    Uses log1p(-exp(x)) for x < -ln 2 and log(-expm1(x)) otherwise. Inputs are clamped to <= LOGP_MAX so the
-    result is finite at x = 0; both `where` branches see safe inputs so no NaN leaks into the gradient.
+    Uses log1p(-exp(x)) for x < -ln 2 and log(-expm1(x)) otherwise, which is accurate for every negative x down
+    to the dtype's smallest normal number (-1.2e-38 in float32). Only x = 0, positive x (rounding noise of a
+    certain model) and subnormal x are moved to that smallest normal (a clamp: zero gradient there), so the
+    result and its gradient are finite for every input, and each `where` branch only ever sees safe inputs.
     """
-    x = _at_least_f32(x).clamp(max=LOGP_MAX)
+    x = _at_least_f32(x)
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     small = x < -_LN2
     far = torch.log1p(-torch.exp(torch.where(small, x, torch.full_like(x, -1.0))))
     near = torch.log(-torch.expm1(torch.where(small, torch.full_like(x, -0.1), x)))
@@ -55,10 +74,10 @@ def log_odds_ratio(chosen_logps: Tensor, rejected_logps: Tensor) -> Tensor:
     """log( odds(chosen) / odds(rejected) ) per example, from mean token log-probs (each <= 0), in float32 or wider.
 
     odds(y) = q / (1 - q) with log q the length-normalised log-probability. Positive when the chosen completion
-    is the more likely one.
+    is the more likely one. Positive inputs (rounding noise) count as 0.
     """
-    c = _at_least_f32(chosen_logps).clamp(max=LOGP_MAX)
-    r = _at_least_f32(rejected_logps).clamp(max=LOGP_MAX)
+    c = _at_least_f32(chosen_logps).clamp(max=0.0)
+    r = _at_least_f32(rejected_logps).clamp(max=0.0)
     return (c - r) - (log1mexp(c) - log1mexp(r))
 
 
@@ -87,27 +106,149 @@ def _target_mask(attention_mask: Tensor, completion_mask: Tensor, scope: str) ->
     return m[:, 1:]
 
 
-def _lm_head_parts(model: nn.Module) -> tuple[nn.Module, Tensor, Tensor | None, float | None]:
-    """The decoder backbone, LM-head weight/bias and final-logit soft-cap of a HF causal LM (PEFT-wrapped or not)."""
-    decoder = model.get_decoder()
-    head = model.get_output_embeddings()
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    return decoder, head.weight, getattr(head, "bias", None), softcap
+# --------------------------------------------------------------------------------------------------------------
+# The LM head and what some models do to its output before it becomes logits
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """logits = softcap(scale * head(h)), softcap(z) = tanh(z / c) * c (skipped when `softcap` is None)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
 
 
-def _chunk_token_logps(h: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
-    logits = F.linear(h, weight, bias).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+def head_transform(model: nn.Module) -> HeadTransform:
+    """The known transforms between a HF causal LM's head and its logits, read from its (text) config.
+
+    Granite-family models divide by `logits_scaling` (HyperCLOVA X multiplies by its field of the same name),
+    Cohere-family models multiply by `logit_scale`, Gemma-2/3 (and others) soft-cap with
+    `final_logit_softcapping`. Anything else is caught by `verify_chunked_head`.
+    """
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    kind = str(getattr(text, "model_type", "") or "").lower()
+    scale = 1.0
+    logits_scaling = getattr(text, "logits_scaling", None)
+    if logits_scaling:
+        if kind.startswith("granite"):
+            scale /= float(logits_scaling)
+        elif kind.startswith("hyperclovax"):
+            scale *= float(logits_scaling)
+    logit_scale = getattr(text, "logit_scale", None)
+    if logit_scale is not None and kind.startswith("cohere"):
+        scale *= float(logit_scale)
+    softcap = getattr(text, "final_logit_softcapping", None)
+    return HeadTransform(scale, float(softcap) if softcap else None)
+
+
+def _lm_head_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, HeadTransform]:
+    """The decoder backbone, the LM head module and its logit transform of a HF causal LM (PEFT-wrapped or not).
+
+    The head is called as a module (not as its weight matrix), so adapters or quantisation on the head count.
+    """
+    return model.get_decoder(), model.get_output_embeddings(), head_transform(model)
+
+
+def _head_logits(h: Tensor, head: nn.Module, tf: HeadTransform) -> Tensor:
+    """float32 logits of hidden states `h` through the head and its transform."""
+    logits = head(h).float()
+    if tf.scale != 1.0:
+        logits = logits * tf.scale
+    if tf.softcap:
+        logits = torch.tanh(logits / tf.softcap) * tf.softcap
+    return logits
+
+
+def _chunk_token_logps(h: Tensor, targets: Tensor, head: nn.Module, tf: HeadTransform) -> Tensor:
+    logits = _head_logits(h, head, tf)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Final (normed) hidden states of the backbone, [B, T, H], with explicit position ids."""
-    decoder, _, _, _ = _lm_head_parts(model)
+    decoder = model.get_decoder()
     out = decoder(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+@torch.no_grad()
+def check_chunked_head(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> float:
+    """How far the chunked path's logits are from the model's own forward: max |difference| / max |logit|.
+
+    Runs both on at most 2 rows of at most 64 real tokens, in eval mode (no dropout; every submodule's mode is
+    restored). Returns inf when the shapes differ. Float noise is ~1e-6 in float32 and ~1e-2 in half precision;
+    a skipped transform gives a much larger value.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    decoder, head, tf = _lm_head_parts(model)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    worst = 0.0
+    try:
+        for i in range(min(_CHECK_ROWS, input_ids.shape[0])):
+            ids = input_ids[i][attention_mask[i].bool()][:_CHECK_TOKENS][None]
+            if ids.numel() == 0:
+                continue
+            am = torch.ones_like(ids)
+            pos = position_ids_from_mask(am)
+            ref = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False).logits.float()
+            out = decoder(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False)
+            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            got = _head_logits(h, head, tf)
+            if got.shape != ref.shape:
+                return math.inf
+            diff = float((got - ref).abs().max())
+            worst = max(worst, diff / max(float(ref.abs().max()), 1e-12))
+            if not math.isfinite(diff):
+                return math.inf
+    finally:
+        for m, training in modes:
+            m.training = training
+    return worst
+
+
+def _check_tolerance(model: nn.Module) -> float:
+    """Relative logit tolerance of the check: float32 noise is ~1e-6, one half-precision rounding ~4e-3."""
+    dtype = next(model.parameters()).dtype
+    half = dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(
+        next(model.parameters()).device.type)
+    return 2e-2 if half else 1e-4
+
+
+def verify_chunked_head(model: nn.Module, batch_or_ids: dict[str, Tensor] | Tensor) -> None:
+    """Check once per model that the chunked log-prob path reproduces the model's own logits; remember the result.
+
+    `batch_or_ids` is a training batch (its `input_ids`/`attention_mask`) or a [B, T] tensor of token ids. On a
+    mismatch (a head transform this module does not know) a warning is logged and from then on every
+    `sequence_logps` call on this model uses the model's own full-logits forward: correct, but it holds float32
+    [batch, seq, vocab] logits, so memory grows with batch x length x vocabulary. The trainer may call this at
+    start-up; otherwise the first `sequence_logps` call on the model does it. Calling it again does nothing.
+    """
+    if getattr(model, _HEAD_CHECK_ATTR, None) is not None:
+        return
+    if isinstance(batch_or_ids, dict):
+        ids, am = batch_or_ids["input_ids"], batch_or_ids.get("attention_mask")
+    else:
+        ids, am = batch_or_ids, None
+    if ids.dim() == 1:
+        ids, am = ids[None], (am[None] if am is not None else None)
+    err = check_chunked_head(model, ids, am)
+    ok = err <= _check_tolerance(model)
+    if not ok:
+        name = type(model).__name__
+        log.warning("the chunked log-prob path does not reproduce %s's own logits (max relative difference %.3g: "
+                    "an LM-head transform it does not know); scoring with the model's full-logits forward instead, "
+                    "which holds float32 [batch, seq, vocab] logits: expect much more memory (lower "
+                    "trainer.batch_size or pairs.max_length if it runs out)", name, err)
+    setattr(model, _HEAD_CHECK_ATTR, ok)
+
+
+def chunked_head_ok(model: nn.Module) -> bool | None:
+    """The recorded result of `verify_chunked_head` for this model (None: not checked yet)."""
+    return getattr(model, _HEAD_CHECK_ATTR, None)
 
 
 def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
@@ -115,9 +256,13 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     """Per-sequence log-prob sums/counts for each scope in `scopes` ("completion" and/or "all"), chunked.
 
     One backbone forward; only the scored positions go through the LM head, `chunk_size` rows at a time, each
-    chunk checkpointed so its float32 logits are recomputed in backward instead of stored.
+    chunk checkpointed so its float32 logits are recomputed in backward instead of stored. A model that failed
+    `verify_chunked_head` (run here on the first call) is scored with `sequence_logps_naive`.
     """
-    _, weight, bias, softcap = _lm_head_parts(model)
+    verify_chunked_head(model, {"input_ids": input_ids, "attention_mask": attention_mask})
+    if not chunked_head_ok(model):
+        return sequence_logps_naive(model, input_ids, attention_mask, completion_mask, scopes)
+    _, head, tf = _lm_head_parts(model)
     h = hidden_states(model, input_ids, attention_mask)[:, :-1]
     masks = {s: _target_mask(attention_mask, completion_mask, s) for s in scopes}
     union = torch.zeros_like(next(iter(masks.values())))
@@ -129,9 +274,9 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     for i in range(0, rows.shape[0], chunk_size):
         hc, tc = rows[i:i + chunk_size], targets[i:i + chunk_size]
         if torch.is_grad_enabled() and hc.requires_grad:
-            pieces.append(checkpoint(_chunk_token_logps, hc, tc, weight, bias, softcap, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_token_logps, hc, tc, head, tf, use_reentrant=False))
         else:
-            pieces.append(_chunk_token_logps(hc, tc, weight, bias, softcap))
+            pieces.append(_chunk_token_logps(hc, tc, head, tf))
     tok = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
     seq_of = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(union)[union]
     out = {}
@@ -144,7 +289,8 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 
 def sequence_logps_naive(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
                          scopes: tuple[str, ...] = ("completion",)) -> dict[str, SequenceLogps]:
-    """Reference path: full logits, float32 log-softmax over [B, T, V]. Same results as `sequence_logps`."""
+    """Reference path: the model's own forward, float32 log-softmax over [B, T, V]. Same results as
+    `sequence_logps`."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits[:, :-1].float()
     lp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
@@ -155,11 +301,51 @@ def sequence_logps_naive(model: nn.Module, input_ids: Tensor, attention_mask: Te
     return out
 
 
-def nll(logps: SequenceLogps, reduction: str = "sequence") -> Tensor:
-    """Negative log-likelihood: mean of per-sequence means (`sequence`) or pooled over all tokens (`token`)."""
+# --------------------------------------------------------------------------------------------------------------
+# Gradient accumulation: what one optimiser step holds
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepTotals:
+    """What the whole optimiser step holds, over all its micro-batches (see `step_totals`)."""
+
+    items: int  # examples in the whole optimiser step over all its micro-batches (pairs count 1 each, SFT examples 1 each)
+    tokens: int  # NLL-scored target tokens (chosen / SFT sequences only, per nll_scope) in the whole step
+
+
+def batch_is_pair(batch: dict[str, Tensor]) -> bool:
+    """Whether `batch` (from `pairs.collate`) holds pairs ([2B, T], chosen rows first) or SFT examples ([B, T])."""
+    if "is_pair" not in batch:
+        raise ValueError("the batch has no `is_pair` marker: build training batches with pairs.collate")
+    return bool(batch["is_pair"])
+
+
+def _nll_rows(batch: dict[str, Tensor], is_pair: bool) -> int:
+    """The number of leading rows whose NLL is scored: the chosen half of a pair batch, every row of an SFT batch."""
+    n = batch["input_ids"].shape[0]
+    return n // 2 if is_pair else n
+
+
+def step_totals(batches: Sequence[dict[str, Tensor]], nll_scope: str) -> StepTotals:
+    """Items and NLL-scored tokens over the micro-batches of one optimiser step (batches from `pairs.collate`)."""
+    items = tokens = 0
+    for b in batches:
+        rows = _nll_rows(b, batch_is_pair(b))
+        items += rows
+        tokens += int(_target_mask(b["attention_mask"], b["completion_mask"], nll_scope)[:rows].sum())
+    return StepTotals(items, tokens)
+
+
+def nll(logps: SequenceLogps, reduction: str = "sequence", totals: StepTotals | None = None) -> Tensor:
+    """Negative log-likelihood: mean of per-sequence means (`sequence`) or pooled over all tokens (`token`).
+
+    With `totals`, this batch's share of the step's NLL: the sum over its sequences (or tokens) divided by the
+    step's item (or token) count.
+    """
     if reduction == "sequence":
-        return -logps.mean.mean()
-    return -logps.sum.sum() / logps.count.sum().clamp(min=1.0)
+        return -logps.mean.sum() / totals.items if totals is not None else -logps.mean.mean()
+    denom = float(max(totals.tokens, 1)) if totals is not None else logps.count.sum().clamp(min=1.0)
+    return -logps.sum.sum() / denom
 
 
 def orpo_objective(chosen_logps: Tensor, rejected_logps: Tensor, nll_loss: Tensor, lam: float
@@ -186,7 +372,9 @@ class ORPOLoss(nn.Module):
     """ORPO on a batch of pairs: rows [0, B) are chosen, rows [B, 2B) their rejected partners, one forward.
 
     `batch` holds `input_ids`, `attention_mask` and `completion_mask` (1 on completion tokens), all [2B, T],
-    right- or left-padded. Returns (loss, metrics).
+    right- or left-padded. Returns (loss, metrics): the batch's mean loss, or with `totals` its share of the
+    optimiser step's loss (sum over its pairs / totals.items; token-pooled NLL over totals.tokens). Metrics are
+    always this batch's means.
     """
 
     def __init__(self, lam: float = 1.0, nll_scope: str = "completion", nll_reduction: str = "sequence",
@@ -195,7 +383,8 @@ class ORPOLoss(nn.Module):
         self.lam, self.nll_scope, self.nll_reduction = lam, nll_scope, nll_reduction
         self.chunk_size, self.naive = chunk_size, naive
 
-    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], totals: StepTotals | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         scopes = ("completion",) if self.nll_scope == "completion" else ("completion", "all")
         ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
         if self.naive:
@@ -206,19 +395,30 @@ class ORPOLoss(nn.Module):
         comp = lps["completion"]
         scored = lps[self.nll_scope]
         chosen_scored = SequenceLogps(scored.sum[:b], scored.count[:b])
-        nll_loss = nll(chosen_scored, self.nll_reduction)
-        return orpo_objective(comp.mean[:b], comp.mean[b:], nll_loss, self.lam)
+        loss, metrics = orpo_objective(comp.mean[:b], comp.mean[b:], nll(chosen_scored, self.nll_reduction),
+                                       self.lam)
+        if totals is None:
+            return loss, metrics
+        l_or_sum = -F.logsigmoid(log_odds_ratio(comp.mean[:b], comp.mean[b:])).sum()
+        share = nll(chosen_scored, self.nll_reduction, totals) + self.lam * l_or_sum / totals.items
+        return share, metrics
 
 
 class SFTLoss(nn.Module):
-    """NLL of the completions in `batch` (the SFT baselines), through the same chunked log-prob path."""
+    """NLL of the completions in `batch` (the SFT baselines), through the same chunked log-prob path.
+
+    Returns the batch's mean NLL, or with `totals` its share of the optimiser step's NLL; metrics are this
+    batch's means.
+    """
 
     def __init__(self, nll_scope: str = "completion", nll_reduction: str = "sequence", chunk_size: int = 1024) -> None:
         super().__init__()
         self.nll_scope, self.nll_reduction, self.chunk_size = nll_scope, nll_reduction, chunk_size
 
-    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], totals: StepTotals | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         lps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                              (self.nll_scope,), self.chunk_size)[self.nll_scope]
-        loss = nll(lps, self.nll_reduction)
-        return loss, {"loss": loss.detach(), "nll": loss.detach(), "chosen_logp": lps.mean.detach().mean()}
+        mean_loss = nll(lps, self.nll_reduction)
+        metrics = {"loss": mean_loss.detach(), "nll": mean_loss.detach(), "chosen_logp": lps.mean.detach().mean()}
+        return (mean_loss if totals is None else nll(lps, self.nll_reduction, totals)), metrics
