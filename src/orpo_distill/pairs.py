@@ -274,7 +274,11 @@ def _rows_to_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict
 
 
 def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
-    """A batch: [2B, T] (chosen rows, then the rejected rows in the same order) for pairs, [B, T] for SFT-only."""
+    """A batch: [2B, T] (chosen rows, then the rejected rows in the same order) for pairs, [B, T] for SFT-only.
+
+    Besides the three [rows, T] tensors, `is_pair` (a 0-dim bool tensor, so every value still moves with
+    `.to(device)`) says which kind the batch is, for `loss.step_totals`.
+    """
     if not items:
         raise ValueError("collate: empty batch")
     kinds = {it.is_pair for it in items}
@@ -283,7 +287,7 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
     rows = [(it.prompt_ids, it.chosen_ids) for it in items]
     if items[0].is_pair:
         rows += [(it.prompt_ids, it.rejected_ids) for it in items]  # type: ignore[misc]
-    return _rows_to_batch(rows, pad_id)
+    return {**_rows_to_batch(rows, pad_id), "is_pair": torch.tensor(items[0].is_pair)}
 
 
 def plan_batches(examples: Sequence[Encoded], batch_size: int, *, group_by_length: bool = True,
