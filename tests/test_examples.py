@@ -119,3 +119,23 @@ def test_core_dependencies_are_all_imported_and_torch_is_never_pinned():
     for group, reqs in [("dependencies", project["dependencies"]), *extras.items()]:
         for req in reqs:
             assert not (_name(req) == "torch" and "==" in req), f"{group} pins torch: {req}"
+
+
+def test_nothing_a_user_gets_cites_files_outside_the_repo():
+    """Users have only the repository: code and docs cite docs/METHOD.md, never the team's ../shared notes (the
+    tests may read ../shared/data, which CI provides, and skip without it)."""
+    bad = [f"{p.relative_to(REPO)}:{n}" for p in _tracked() if p.relative_to(REPO).parts[0] != "tests"
+           for n, line in enumerate((_text(p) or "").splitlines(), 1) if "../" + "shared" in line]
+    assert not bad, "cites ../shared, which users do not have:\n" + "\n".join(bad)
+
+
+def test_method_doc_names_only_config_keys_that_exist():
+    from orpo_distill.config import config_reference
+
+    keys = set(re.findall(r"^\| `([a-z0-9_.]+)` \|", config_reference(), re.M))
+    text = (REPO / "docs" / "METHOD.md").read_text(encoding="utf-8")
+    sections = "run|task|teacher|student|sampling|pairs|policy|objective|trainer|eval"
+    named = set(re.findall(rf"`((?:{sections})\.[a-z0-9_.]+)", text))
+    assert len(named) > 20, "docs/METHOD.md should name the keys that set each choice"
+    assert named <= keys, f"docs/METHOD.md names keys the config does not have: {sorted(named - keys)}"
+    assert (REPO / "README.md").read_text(encoding="utf-8").count("docs/METHOD.md") >= 1
