@@ -121,6 +121,50 @@ def test_kill_9_then_same_command_resumes_to_identical_weights(tmp_path, bpe_tok
     assert rows(b_dir) == rows(tmp_path / "A")
 
 
+@pytest.mark.slow
+def test_kill_9_after_first_mid_epoch_checkpoint_with_capped_pairs(tmp_path, bpe_tokenizer):
+    """pairs.max_pairs_per_question leaves negatives of the pool unpaired; the checkpoint's pool names them all,
+    so the resume must find them all (it used to load only the paired ones and refuse to resume)."""
+    import torch
+    from conftest import tiny_gpt2
+    from test_train import ArithTask, make_questions, make_store, tiny_config
+
+    from orpo_distill.checkpoint import list_checkpoints
+    from orpo_distill.config import dump_config
+
+    student = tmp_path / "student"
+    tiny_gpt2(bpe_tokenizer).save_pretrained(student)
+    bpe_tokenizer.save_pretrained(student)
+    cfg = tiny_config(student, tmp_path / "run", **{"trainer.save_every_steps": 2, "trainer.epochs": 2,
+                                                    "trainer.batch_size": 2, "pairs.max_pairs_per_question": 1,
+                                                    "trainer.report_to": ["jsonl"]})
+    store = make_store(cfg, make_questions(8), ArithTask(), student_all_right={"q7"})
+    store.close()
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(dump_config(cfg))
+
+    a = _run(config_path, tmp_path / "A", None)
+    assert a.returncode == 0, a.stderr[-3000:]
+    result_a = json.loads((tmp_path / "A" / "result.json").read_text())
+    assert result_a["per_epoch"][0]["steps"] > 2
+    b_dir = tmp_path / "B"
+    b1 = _run(config_path, b_dir, 2)  # killed right after the first mid-epoch checkpoint (epoch 1, step 2)
+    assert b1.returncode == -signal.SIGKILL, b1.stderr[-3000:]
+    last = list_checkpoints(b_dir / "checkpoints")[-1]
+    assert last.name.endswith("000000002-0")
+    state = json.loads((last / "state.json").read_text())
+    pool_keys = {k for d in state["plan"]["pools"].values() for k, _ in d["negatives"]}
+    paired = {r[2] for r in state["plan"]["examples"] if r[2] is not None}
+    assert paired < pool_keys  # the cap left negatives of the pool unpaired
+    b2 = _run(config_path, b_dir, None)
+    assert b2.returncode == 0, b2.stderr[-3000:]
+    wa, wb = _weights(tmp_path / "A" / "model"), _weights(b_dir / "model")
+    assert wa.keys() == wb.keys() and wa and all(torch.equal(wa[k], wb[k]) for k in wa)
+    result_b = json.loads((b_dir / "result.json").read_text())
+    assert [e["train_loss"] for e in result_b["per_epoch"]] == [e["train_loss"] for e in result_a["per_epoch"]]
+    assert [e["pool"] for e in result_b["per_epoch"]] == [e["pool"] for e in result_a["per_epoch"]]
+
+
 class _Killed(BaseException):
     pass
 

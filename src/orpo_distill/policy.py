@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config import PolicyConfig
+from .errors import UserError
 from .pairs import Text
 
 INITIAL = "initial"
@@ -233,6 +234,8 @@ def restore_pools(data: dict[str, Any], texts: dict[str, str]) -> dict[str, Ques
     for q, d in data.items():
         missing = [k for k, _ in d["negatives"] if k not in texts]
         if missing:
-            raise ValueError(f"checkpoint pool of question {q!r} names traces the store lacks: {missing[:3]}")
+            raise UserError(f"the checkpoint's pool of question {q!r} names traces the trace store lacks "
+                            f"({missing[:3]}): was the store replaced or pruned? Restore it, or remove the "
+                            "variant's checkpoints/ folder to train it from the start")
         out[q] = QuestionPool(q, d["drawn"], d["used"], [Text(k, texts[k], s) for k, s in d["negatives"]])
     return out

@@ -672,8 +672,12 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
     def restore_epoch(plan: dict[str, Any]) -> dict[str, Any]:
         """Re-tokenise a saved plan (tokenisation is deterministic) with texts from the store."""
         texts = {t.key: t.text for ts in chosen.values() for t in ts}
-        keys = [r[2] for r in plan["examples"] if r[2] is not None and r[2] not in texts]
-        for t in store.get(sorted(set(keys))) if keys else []:
+        # every negative of the saved pool, not only those paired: with pairs.max_pairs_per_question (or the
+        # random/hardest strategies) a pool holds negatives that no example uses
+        keys = {r[2] for r in plan["examples"] if r[2] is not None}
+        keys |= {k for d in plan["pools"].values() for k, _ in d["negatives"]}
+        keys -= set(texts)
+        for t in store.get(sorted(keys)) if keys else []:
             texts[t.key] = t.completion
         examples: list[Encoded] = []
         for qid, ck, rk, rs in plan["examples"]:
