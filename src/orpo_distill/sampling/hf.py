@@ -8,8 +8,10 @@ One hand-written decoding loop instead of `model.generate`, for two guarantees `
 2. **Exactly the requested sample indices** (`sample_indices`), so a resumed run samples only what is missing.
 Otherwise it is the usual recipe: left padding with an attention mask and position ids counted from each
 prompt's first real token; one prefill per prompt whose KV cache is then copied to that prompt's samples; a KV
-cache; finished rows dropped from the batch; EOS and stop strings; temperature, top-p; the batch size halves on
-out-of-memory and stays halved. The model is put back in the train/eval mode it was in.
+cache; finished rows dropped from the batch; EOS, the chat template's end-of-turn token (`tasks.prompts`;
+never part of the returned text) and stop strings; temperature, top-p; the batch size halves on out-of-memory and
+stays halved. Prompts are tokenised with `tasks.prompts.encode_prompt`, the function training uses. The model is
+put back in the train/eval mode it was in.
 """
 
 from __future__ import annotations
@@ -23,18 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..tasks.prompts import render_prompt
+# encode_prompt: the one prompt encoder, shared with training (pairs) and the vLLM backend
+from ..tasks.prompts import encode_prompt, end_of_turn_ids, render_prompt  # noqa: F401
 from .base import Completion, SamplingParams, resolve_sample_indices, sample_seed
 
 log = logging.getLogger(__name__)
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a rendered prompt: special tokens are added unless the text already starts with BOS (chat
-    templates usually write it themselves)."""
-    bos = getattr(tokenizer, "bos_token", None)
-    add = not (bos and text.startswith(bos))
-    return list(tokenizer(text, add_special_tokens=add)["input_ids"])
 
 
 def _uniforms(seed: int, steps: int) -> np.ndarray:
@@ -116,7 +111,9 @@ class HFGenerator:
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
+        """Every token that ends a completion: the model's EOS ids and the format's end of turn (a chat model's
+        `<|im_end|>` or `<end_of_turn>`, which is what training ends completions with)."""
+        ids: set[int] = set(end_of_turn_ids(self.tokenizer, self.template, self.system_prompt))
         gen_cfg = getattr(self.model, "generation_config", None)
         for src in (getattr(gen_cfg, "eos_token_id", None), getattr(getattr(self.model, "config", None),
                                                                     "eos_token_id", None),

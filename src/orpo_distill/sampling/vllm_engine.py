@@ -4,9 +4,10 @@ sampling the student between epochs from a saved checkpoint folder.
 Every (prompt, sample index) is its own vLLM request with n=1 and the seed `sample_seed(seed, message, index)`, so
 a sample does not depend on what else is in the batch or on resumption (vLLM seeds each request's sampler
 separately), and exactly the requested indices are produced; vLLM's prefix caching shares a prompt's prefill
-among its samples. Prompts are rendered with `tasks.prompts.render_prompt` and encoded like the transformers
-backend (`encode_prompt`), then passed as token ids, so both backends see the same tokens. `vllm` is imported only
-when an engine is built.
+among its samples. Prompts are rendered with `tasks.prompts.render_prompt` and encoded with
+`tasks.prompts.encode_prompt` (the function training uses), then passed as token ids, so both backends and
+training see the same tokens; sampling also stops at the chat template's end-of-turn token
+(`tasks.prompts.end_of_turn_ids`). `vllm` is imported only when an engine is built.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..tasks.prompts import render_prompt
+from ..tasks.prompts import encode_prompt, end_of_turn_ids, render_prompt
 from .base import Completion, SamplingParams, resolve_sample_indices, sample_seed
-from .hf import encode_prompt
 
 _DTYPES = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -71,6 +71,7 @@ class VLLMGenerator:
 
         sample_indices = resolve_sample_indices(len(prompts), params, sample_indices)
         inputs, sps, owner = [], [], []
+        stop_ids = sorted(end_of_turn_ids(self.tokenizer, self.template, self.system_prompt))
         for p, (message, idxs) in enumerate(zip(prompts, sample_indices)):
             if not idxs:
                 continue
@@ -80,7 +81,8 @@ class VLLMGenerator:
                 inputs.append({"prompt_token_ids": ids})
                 sps.append(vllm.SamplingParams(
                     n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-                    stop=list(params.stop) or None, seed=sample_seed(params.seed, message, i) & 0x7FFFFFFF))
+                    stop=list(params.stop) or None, stop_token_ids=stop_ids or None,
+                    seed=sample_seed(params.seed, message, i) & 0x7FFFFFFF))
                 owner.append(p)
         results: list[list[Completion]] = [[] for _ in prompts]
         if not inputs:
