@@ -2,8 +2,8 @@
 
 The one job of this module is the step from *text* to *student tensors*. Teacher text crosses into the student
 only as text: every prompt and completion is tokenised here with the student's tokenizer and the student's own
-prompt format (`tasks.prompts.render_prompt`, the prompt the student is sampled and evaluated with), so no token
-ids ever cross models.
+prompt format (`tasks.prompts.render_prompt` and `encode_prompt`, the very prompt tokens the student is sampled and
+evaluated with), so no token ids ever cross models.
 
 Pairing (METHOD.md leaves it open; ours, `pairs.strategy`), for one question with P positives and N negatives:
 - `cycle` (default): max(P, N) pairs; walk the longer list and cycle the shorter one, so every positive and every
@@ -12,22 +12,25 @@ Pairing (METHOD.md leaves it open; ours, `pairs.strategy`), for one question wit
 - `random`: a seeded random subset of the P x N pairs, of size `max_pairs_per_question` (default max(P, N)).
 - `hardest`: negatives ranked by the current student's mean log-probability (highest first, computed with
   `loss.sequence_logps` under no_grad); positive i gets the i-th hardest negative, cycling when N < P.
-`max_pairs_per_question` caps every strategy. A question without negatives yields SFT-only examples (its chosen
-texts with no rejected partner), trained with the NLL term alone.
+`max_pairs_per_question` caps the pairs of every strategy, and only pairs: a question without negatives (every
+question of the SFT variants, or an ORPO question whose negatives ran out) yields one SFT-only example per kept
+chosen text (no rejected partner), all of them, trained with the NLL term alone.
 
 Tokenisation (the boundary rules the tests pin down):
-- prompt ids = the tokenizer applied to the rendered prompt *with* its special tokens, as the tokenizer adds them
-  (Llama-style tokenizers prepend BOS, GPT-2-style and most chat templates write their own); a doubled leading BOS
-  (template text + tokenizer) is collapsed to one, and an EOS a post-processor appends to the prompt is dropped;
-- completion ids = the completion text without special tokens, then exactly one EOS (a trailing EOS string in the
-  text is removed first so it is never doubled).
+- prompt ids = `tasks.prompts.encode_prompt` of the rendered prompt, the samplers' own function: the tokenizer's
+  leading special tokens (BOS) exactly once, never a trailing EOS a post-processor appends;
+- completion ids = the completion text without special tokens, then exactly once the model's end of an answer,
+  `tasks.prompts.completion_end_ids`: the chat template's end-of-turn token (`<|im_end|>`, `<end_of_turn>`, ...)
+  for chat models, EOS for the plain template (a trailing end string in the text is removed first so it is never
+  doubled).
 Truncation (counted in `EncodeStats`): a prompt longer than `max_prompt_length` is cut from the LEFT, keeping a
 leading BOS (the end of the prompt, with the question and the generation prompt, is what the completion follows);
-then each completion is cut from the RIGHT to fit `max_length`. A cut completion has no EOS, on purpose: teaching
+then each completion is cut from the RIGHT to fit `max_length`. A cut completion has no end token, on purpose: teaching
 the student to stop in the middle of a reasoning chain would be worse than not scoring the end.
 
 Batches: pair batches are [2B, T] (chosen rows first, then their rejected rows, in the same order), SFT batches
-[B, T]; right padding; `completion_mask` is 1 exactly on completion tokens (EOS included). Pair and SFT-only
+[B, T], with an `is_pair` marker; right padding; `completion_mask` is 1 exactly on completion tokens (the end
+token included). Pair and SFT-only
 examples never share a batch. With `group_by_length`, examples are sorted by length inside shuffled mega-batches
 (50 batches each) so a batch pads little, the batch order is shuffled, and the longest batch goes first (an
 out-of-memory error shows at step 1, not hours in).
@@ -43,7 +46,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .tasks.prompts import render_prompt
+# encode_prompt is re-exported for callers of pairs.encode_prompt: the one prompt encoder lives in tasks.prompts
+from .tasks.prompts import completion_end_ids, encode_prompt, render_prompt  # noqa: F401
 
 STRATEGIES = ("cycle", "all", "random", "hardest")
 MEGABATCH = 50  # batches per length-grouping window (as in transformers' LengthGroupedSampler)
@@ -109,12 +113,12 @@ class Example:
 def make_examples(question_id: str, positives: Sequence[Text], negatives: Sequence[Text], strategy: str = "cycle",
                   *, max_pairs: int | None = None, rng: random.Random | None = None,
                   neg_scores: Sequence[float] | None = None) -> list[Example]:
-    """The examples of one question: pairs when it has negatives, else one SFT-only example per positive."""
+    """The examples of one question: pairs (at most `max_pairs`) when it has negatives, else one SFT-only example
+    per positive, all of them."""
     if not positives:
         return []
-    if not negatives:
-        pos = list(positives)[:max_pairs] if max_pairs is not None else list(positives)
-        return [Example(question_id, p) for p in pos]
+    if not negatives:  # NLL only: every kept trace (the cap is on pairs)
+        return [Example(question_id, p) for p in positives]
     idx = pair_indices(len(positives), len(negatives), strategy, max_pairs=max_pairs, rng=rng, neg_scores=neg_scores)
     return [Example(question_id, positives[i], negatives[j]) for i, j in idx]
 
@@ -123,27 +127,14 @@ def make_examples(question_id: str, positives: Sequence[Text], negatives: Sequen
 # Tokenisation with the student's tokenizer
 # --------------------------------------------------------------------------------------------------------------
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a rendered prompt with the tokenizer's own special tokens: exactly one BOS where it has one."""
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    # A chat template that writes the BOS text itself, plus a tokenizer that prepends BOS, gives two: keep one.
-    while bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-        ids = ids[1:]
-    # Some post-processors append EOS to every text; a prompt must not end the sequence.
-    if eos is not None and ids and ids[-1] == eos and eos != bos and not prompt.endswith(tokenizer.eos_token or "\0"):
-        ids = ids[:-1]
-    return ids
-
-
-def encode_completion(tokenizer, text: str) -> list[int]:
-    """Token ids of a completion: no special tokens, then exactly one EOS."""
-    eos_text, eos = tokenizer.eos_token, tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the student's tokenizer has no EOS token; a completion could never end")
-    while eos_text and text.endswith(eos_text):  # a sampler that kept the EOS string: do not double it
-        text = text[: -len(eos_text)]
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos]
+def encode_completion(tokenizer, text: str, end_ids: Sequence[int] | None = None) -> list[int]:
+    """Token ids of a completion: no special tokens, then exactly once `end_ids` (default: the end of an answer in
+    the tokenizer's own format, `tasks.prompts.completion_end_ids`)."""
+    end = list(end_ids) if end_ids is not None else completion_end_ids(tokenizer)
+    tails = [t for t in {tokenizer.decode(end), tokenizer.eos_token} if t]
+    while any(text.endswith(t) for t in tails):  # a sampler that kept the end string: do not double it
+        text = text[: -len(next(t for t in tails if text.endswith(t)))]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + end
 
 
 def check_lengths(max_length: int, max_prompt_length: int) -> None:
@@ -217,9 +208,11 @@ class Encoder:
     max_prompt_length: int = 512
     _prompts: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _completions: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    end_ids: list[int] = field(default_factory=list, init=False)  # how this format ends an answer
 
     def __post_init__(self) -> None:
         check_lengths(self.max_length, self.max_prompt_length)
+        self.end_ids = completion_end_ids(self.tokenizer, self.template, self.system_prompt)
 
     def prompt(self, question_id: str, user_message: str) -> tuple[list[int], bool]:
         """(ids, truncated) of the student's prompt for this user message."""
@@ -232,7 +225,7 @@ class Encoder:
 
     def completion(self, t: Text) -> list[int]:
         if t.key not in self._completions:
-            self._completions[t.key] = encode_completion(self.tokenizer, t.text)
+            self._completions[t.key] = encode_completion(self.tokenizer, t.text, self.end_ids)
         return self._completions[t.key]
 
     def encode(self, ex: Example, user_message: str, stats: EncodeStats | None = None) -> Encoded:
