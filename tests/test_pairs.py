@@ -66,6 +66,18 @@ def test_make_examples_without_negatives_is_sft_only_and_records_sources():
     assert make_examples("q", [], neg) == []
 
 
+def test_max_pairs_caps_pairs_only_sft_uses_every_kept_trace(bpe_tokenizer):
+    """sft_diverse trains on all kept traces (docs); the cap is on ORPO pairs."""
+    pos = [Text(f"t{i}", f"{i} + 1 = {i + 1}. The answer is {i + 1}.", "teacher") for i in range(5)]
+    neg = [Text(f"s{i}", "The answer is 9.", "initial") for i in range(5)]
+    assert len(make_examples("q", pos, [], max_pairs=2)) == 5
+    assert len(make_examples("q", pos, neg, max_pairs=2)) == 2
+    enc = Encoder(bpe_tokenizer, max_length=256, max_prompt_length=128)
+    out, stats = build_examples([("q", MSG), ("p", MSG)], {"q": pos, "p": pos}, {"p": neg}, enc, max_pairs=2)
+    assert stats.sft_only == 5 and stats.pairs == 2
+    assert [e.chosen_key for e in out if not e.is_pair] == [t.key for t in pos]
+
+
 # ---------------------------------------------------------------- tokenisation boundaries
 
 def _check_boundaries(tok, template="auto", system_prompt=None):

@@ -114,7 +114,8 @@ class PairsConfig(_Section):
 
     strategy: Literal["cycle", "all", "random", "hardest"] = Field(
         "cycle", description="cycle: each positive with a distinct negative, cycling the shorter list")
-    max_pairs_per_question: int | None = Field(None, ge=1, description="cap per question (random: sample size)")
+    max_pairs_per_question: int | None = Field(
+        None, ge=1, description="cap on ORPO pairs per question (random: sample size); SFT examples use every kept trace")
     max_length: int = Field(1024, ge=8, description="prompt + completion tokens; longer pairs are truncated")
     max_prompt_length: int = Field(512, ge=4, description="prompts longer than this are cut from the left")
 
