@@ -5,7 +5,7 @@ only as text: every prompt and completion is tokenised here with the student's t
 prompt format (`tasks.prompts.render_prompt` and `encode_prompt`, the very prompt tokens the student is sampled and
 evaluated with), so no token ids ever cross models.
 
-Pairing (METHOD.md leaves it open; ours, `pairs.strategy`), for one question with P positives and N negatives:
+Pairing (docs/METHOD.md leaves it open; ours, `pairs.strategy`), for one question with P positives and N negatives:
 - `cycle` (default): max(P, N) pairs; walk the longer list and cycle the shorter one, so every positive and every
   negative is used and no negative repeats before all have been used.
 - `all`: all P x N pairs (a seeded random subset of `max_pairs_per_question` of them when that is set).
