@@ -287,3 +287,38 @@ def test_check_traces_names_what_is_missing(tmp_path, tiny_llama_dir):
     with pytest.raises(MissingTraces, match="orpo-distill traces student"):
         check_traces(other, store_b, ["orpo_mixed"], ids)
     store_b.close()
+
+
+# ---------------------------------------------------------------- divergence
+
+def _strict_rows(path):
+    def no_constant(name):
+        raise AssertionError(f"non-strict JSON constant {name} in {path}")
+
+    return [json.loads(line, parse_constant=no_constant) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_huge_lr_stops_the_variant_before_any_non_finite_weight_is_written(setup, tmp_path, clip):
+    import torch
+    from safetensors.torch import load_file
+
+    from orpo_distill.checkpoint import list_checkpoints
+    from orpo_distill.errors import TrainingDiverged
+
+    cfg, task, qs, store = setup
+    cfg = cfg.model_copy(deep=True)
+    cfg.trainer.lr, cfg.trainer.max_grad_norm, cfg.trainer.save_every_steps = 1e30, clip, 1
+    cfg.trainer.warmup_ratio = 0.0
+    out = tmp_path / "v"
+    with pytest.raises(TrainingDiverged) as err:
+        _train(cfg, "orpo_mixed", task, qs, store, out=out, eval_questions=None)
+    msg = str(err.value)
+    assert "orpo_mixed seed 0" in msg and "trainer.lr" in msg and "max_grad_norm" in msg and "step" in msg
+    assert err.value.exit_code == 4
+    assert not (out / "result.json").exists() and not (out / "model").exists()
+    for ck in list_checkpoints(out / "checkpoints"):
+        assert all(bool(torch.isfinite(t).all()) for t in load_file(str(ck / "trainable.safetensors")).values())
+        json.loads((ck / "state.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    rows = _strict_rows(out / "metrics.jsonl")
+    assert rows[-1]["kind"] == "diverged"

@@ -44,6 +44,21 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
     return found[-1] if found else None
 
 
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if x == x and x not in (float("inf"), float("-inf")) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """`json.dumps` that writes strict JSON: a NaN/inf float (a metric of a diverging step) becomes null."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------------- RNG
 
 def rng_state() -> dict[str, Any]:
@@ -131,7 +146,7 @@ def save_checkpoint(root: str | os.PathLike[str], name: str, *, model: torch.nn.
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     full = dict(state)
     full["rng"] = rng_state()
-    (tmp / "state.json").write_text(json.dumps(full, ensure_ascii=False), encoding="utf-8")
+    (tmp / "state.json").write_text(strict_json(full, ensure_ascii=False), encoding="utf-8")
     for f in tmp.iterdir():
         _fsync(f)
     _fsync(tmp)

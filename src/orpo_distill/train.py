@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, rng_fork, save_checkpoint
+from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, rng_fork, save_checkpoint, strict_json
 from .config import VARIANTS, Config, dump_config
 from .errors import TrainingDiverged, UserError
 from .files import atomic_write_text
@@ -482,7 +482,7 @@ class Logger:
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(strict_json(row, ensure_ascii=False) + "\n")
         self.lines += 1
         step = row.get("global_step", 0)
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -498,6 +498,33 @@ class Logger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Divergence
+# --------------------------------------------------------------------------------------------------------------
+
+def _grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _diverged(cfg: Config, variant: str, seed: int, step: int, epoch: int, bad: tuple[str, Any],
+              out: Path) -> TrainingDiverged:
+    what, value = bad
+    return TrainingDiverged(
+        f"{variant} seed {seed} diverged at optimiser step {step} (epoch {epoch}): {what} is {value}. The step was "
+        "not applied; no non-finite weights, checkpoint, model or result.json were written. Lower trainer.lr "
+        f"(now {cfg.trainer.lr:g}) or set trainer.max_grad_norm (now {cfg.trainer.max_grad_norm}), then train "
+        f"again into another run.out_dir or after removing {out} (its checkpoints belong to the old settings)")
+
+
+def _check_finite_weights(model: torch.nn.Module, cfg: Config, variant: str, seed: int, step: int, epoch: int,
+                          out: Path) -> None:
+    """Refuse to write a checkpoint or model with a NaN/inf weight (a last guard behind the per-step check)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
+            raise _diverged(cfg, variant, seed, step, epoch, (f"weight {name}", "non-finite"), out)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -585,7 +612,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
             costs["eval_seconds"] = time.perf_counter() - t0
             _write_predictions(res, out / "predictions" / "final.jsonl")
             result["final_eval"] = _eval_summary(res)
-        atomic_write_text(done, json.dumps(result, indent=2))
+        atomic_write_text(done, strict_json(result, indent=2))
         return result
 
     # -- 2. data: chosen texts, the negative policy, the tokeniser ----------------------------------------------
@@ -662,7 +689,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
         if pools:  # the record of where every negative of this epoch came from (kept after training)
             (out / "pools").mkdir(exist_ok=True)
             atomic_write_text(out / "pools" / f"epoch{epoch}.json",
-                          json.dumps({"epoch": epoch, "stats": pool_stats,
+                          strict_json({"epoch": epoch, "stats": pool_stats,
                                       "questions": [p.to_json() for p in pools.values()]}, indent=1))
         return {"epoch": epoch, "pools": {q: p.to_json() for q, p in pools.items()}, "pool_stats": pool_stats,
                 "encode_stats": enc_stats.as_dict(),
@@ -711,6 +738,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
         state["log_lines"] = logger.lines
         state["costs"] = costs
         state["sample_reports"] = sample_reports
+        _check_finite_weights(raw_model, cfg, variant, seed, state["global_step"], state["epoch"], out)
         save_checkpoint(out / "checkpoints", checkpoint_name(state["global_step"], epoch_end), model=raw_model,
                         optimizer=optimizer, state=state, scaler=accelerator.scaler)
 
@@ -743,6 +771,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
             t0 = time.perf_counter()
             micro = steps[step_idx]
             per_mb: list[dict[str, float]] = []
+            mb_losses: list[float] = []
             tokens = 0
             for mb in micro:
                 items = [examples[i] for i in mb]
@@ -751,6 +780,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
                 with accelerator.autocast():
                     loss, m = loss_fn(model, batch)
                 accelerator.backward(loss / len(micro))
+                mb_losses.append(float(loss.detach()))
                 tokens += int(batch["attention_mask"].sum())
                 per_mb.append({k: float(v) for k, v in m.items()})
             # each metric averaged over the micro-batches that have it (log-odds: the pair batches only)
@@ -759,6 +789,19 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
             grad_norm = None
             if tc.max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+            elif accelerator.scaler is None:  # measured (not clipped) so that a divergence is caught
+                grad_norm = _grad_norm(params)
+            # A non-finite loss or gradient stops the variant before the optimiser applies it (fp16: the grad
+            # scaler skips inf/NaN gradients itself and lowers its scale, so only the loss is checked there).
+            bad = next(((f"the loss of micro-batch {i + 1}", v) for i, v in enumerate(mb_losses)
+                        if not math.isfinite(v)), None)
+            if bad is None and grad_norm is not None and not math.isfinite(grad_norm):
+                bad = ("the gradient norm", grad_norm)
+            if bad is not None:
+                logger.write({"kind": "diverged", "global_step": state["global_step"] + 1, "epoch": epoch,
+                              "step_in_epoch": step_idx + 1, "grad_norm": grad_norm, **metrics})
+                logger.close()
+                raise _diverged(cfg, variant, seed, state["global_step"] + 1, epoch, bad, out)
             lr = tc.lr * lr_factor(state["global_step"], state["total_steps"], state["warmup_steps"], tc.lr_scheduler)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -834,10 +877,11 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
         "per_epoch": history, "final_eval": history[-1].get("eval") if history else None,
         "sampling": sample_reports, "costs": costs, "model_dir": str(out / "model"),
     }
+    _check_finite_weights(raw_model, cfg, variant, seed, state["global_step"], epochs, out)
     save_hf_model(raw_model, tokenizer, out / "model", merge_lora=tc.lora.merge_on_save,
                   card=model_card(cfg, variant, seed, result), inplace=True)
     logger.close()
-    atomic_write_text(done, json.dumps(result, indent=2))
+    atomic_write_text(done, strict_json(result, indent=2))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     shutil.rmtree(out / "sampling_model", ignore_errors=True)
     return result
