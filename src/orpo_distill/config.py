@@ -4,7 +4,7 @@ One YAML file describes a run (task and data, teacher, student, sampling, pairin
 optimisation, evaluation, output). `load_config` reads it, applies dotted command-line overrides
 (`trainer.lr=1e-5`), and validates everything at load time: an unknown key, a wrong type or an out-of-range value
 raises `ConfigError` naming the file, the dotted key and what is allowed. Defaults that come from ORPO-Distill
-(arXiv 2509.25100) are marked "paper"; choices the paper leaves open are marked "ours" (see ../shared/METHOD.md).
+(arXiv 2509.25100) are marked "paper"; choices the paper leaves open are marked "ours" (see docs/METHOD.md).
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import UserError
+from .secrets import check_env_var_name, check_no_secret, check_url, redact_override
+
 VARIANTS = ("zero_shot", "sft_single", "sft_diverse", "orpo_teacher_neg", "orpo_off", "orpo_on", "orpo_mixed")
 Variant = Literal["zero_shot", "sft_single", "sft_diverse", "orpo_teacher_neg", "orpo_off", "orpo_on", "orpo_mixed"]
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file, the key and what is allowed."""
+class ConfigError(UserError):
+    """A config that cannot be used; the message names the file, the key and what is allowed (exit 2)."""
 
 
 class _Section(BaseModel):
@@ -52,6 +55,17 @@ class TaskConfig(_Section):
     grader: str | None = Field(None, description="`module:function` grading a completion, for kind=custom")
     skip_invalid: bool = Field(False, description="skip malformed rows (and report them) instead of failing")
     synthetic: dict[str, Any] = Field(default_factory=dict, description="options of the synthetic task generator")
+
+    @model_validator(mode="after")
+    def _synthetic_reads_no_files(self) -> TaskConfig:
+        # The synthetic task generates its questions: a data path would be recorded but never read.
+        if self.name == "synthetic":
+            for split in ("train", "validation", "test"):
+                if getattr(self, split).path:
+                    raise ValueError(f"task.{split}.path: the synthetic task generates its questions and reads no "
+                                     "data file; remove the path, or name your task (task.name, task.kind) to "
+                                     "use your file")
+        return self
 
 
 class ModelConfig(_Section):
@@ -85,14 +99,21 @@ class ModelConfig(_Section):
     # vLLM offline engine
     vllm_args: dict[str, Any] = Field(default_factory=dict, description="extra `vllm.LLM(...)` arguments")
 
-    @model_validator(mode="after")
-    def _no_inline_secret(self) -> ModelConfig:
-        for k in ("base_url", "model"):
-            v = getattr(self, k) or ""
-            if "sk-" in v and "@" in v:
-                raise ValueError(f"{k} looks like it embeds an API key; put the key in an environment variable "
-                                 "and name that variable in api_key_env")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        # Keys live in the environment only (secrets.py): a URL with credentials, a key-shaped model name, or a
+        # key pasted where a variable NAME belongs is refused, so it is never written to config.yaml or printed.
+        # A section-level check: its error shows the section, never the offending value.
+        if isinstance(data, dict):
+            for k, check in (("base_url", check_url), ("api_key_env", check_env_var_name),
+                             ("model", check_no_secret)):
+                v = data.get(k)
+                if isinstance(v, str):
+                    check(v, k)
+                elif v is not None and k == "api_key_env":
+                    check_env_var_name(str(v), k)
+        return data
 
 
 class SamplingConfig(_Section):
@@ -191,8 +212,8 @@ class RunConfig(_Section):
     seeds: int = Field(1, ge=1, description="train and evaluate each variant with this many seeds")
     threads: int | None = Field(None, ge=1, description="torch CPU threads for `run`/`demo` (default: torch's "
                                                          "choice; 1 is faster on a busy small CPU)")
-    variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS),
-                                    description="rows of the results table to train and evaluate")
+    variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS), min_length=1,
+                                    description="rows of the results table to train and evaluate (at least one)")
 
 
 class Config(_Section):
@@ -265,16 +286,26 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
+def _shown_input(value: Any) -> str:
+    """The offending value as an error message shows it: scalars and short lists only. A whole section (what a
+    section-level check receives) is never echoed: it may hold a secret the check is complaining about."""
+    if isinstance(value, dict):
+        return ""
+    text = repr(value)
+    return f" (got {text if len(text) <= 80 else text[:77] + '...'})"
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc)
+        key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc)
             lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed)}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(f"  {key}: {msg}{_shown_input(e.get('input'))}")
     return "\n".join(lines)
 
 
@@ -300,14 +331,15 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
             raise ConfigError(f"{p}: not UTF-8 text ({e})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
+        if loaded is None:  # an empty file is a mistake (a wrong path, a truncated copy), not "all defaults"
+            raise ConfigError(f"{p}: the config file is empty; start from `orpo-distill config show` (every key "
+                              "with its default) or a file in examples/")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         data = loaded
     if overrides:
         data = apply_overrides(data, overrides)
-        source += " + overrides " + " ".join(overrides)
+        source += " + overrides " + " ".join(redact_override(o) for o in overrides)
     return config_from_dict(data, source)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ModelConfig, TaskConfig
+from .errors import UserError
 from .files import atomic_write_text
 from .sampling.base import Completion, Generator, SamplingParams
 from .tasks.base import Grade, Question, Task
@@ -133,14 +134,17 @@ def evaluate(generator: Generator, task: Task, questions: Sequence[Question], *,
     `majority_k > 1` samples k completions per question at `temperature` and takes the majority vote.
     Questions are sent to the generator `batch_size` at a time (the backend may batch further inside).
     """
+    # Bad arguments are the user's (command-line values, config keys): UserError, a ValueError, exit 2.
     if not questions:
-        raise ValueError("no questions to evaluate")
+        raise UserError("no questions to evaluate (the split is empty: check its path, limit or n_<split>)")
     if majority_k < 1:
-        raise ValueError(f"majority_k must be >= 1, got {majority_k}")
+        raise UserError(f"majority_k must be >= 1, got {majority_k}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:  # 0 would "answer" nothing and report 0% accuracy as if it were a result
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if majority_k > 1 and temperature <= 0:
-        raise ValueError("majority vote needs temperature > 0 (at temperature 0 all k samples are the same)")
+        raise UserError("majority vote needs temperature > 0 (at temperature 0 all k samples are the same)")
     temp = 0.0 if majority_k == 1 else float(temperature)
     params = SamplingParams(n=majority_k, temperature=temp, max_new_tokens=max_new_tokens, stop=tuple(stop),
                             seed=seed)

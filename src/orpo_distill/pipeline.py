@@ -6,6 +6,12 @@ and evaluated on the same split (a variant whose `result.json` exists is skipped
 its last checkpoint); (4) `results.json`, `results.md` and plots. A sweep runs this for every cell of a grid of
 overrides, sharing one trace store (teacher and initial-student traces are sampled once), evaluates every trained
 student on the validation split as well, and chooses the best cell on validation accuracy only.
+
+Before the first expensive step, `preflight` checks everything that can be checked in seconds (models, devices,
+data, sizes, the trace store, the output folder, a finished run with other settings in the same folder) and
+raises one `UserError` listing each problem. A variant that diverges (`TrainingDiverged`) does not stop the
+others: it is recorded as diverged (no accuracy), and `run` raises `TrainingDiverged` naming it at the very end,
+after every output is written, with the results attached (`error.results`) so the caller can still show them.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import Config, apply_overrides, config_from_dict, dump_config, parse_override
+from .config import Config, ConfigError, apply_overrides, config_from_dict, dump_config, parse_override
+from .errors import EndpointError, TrainingDiverged, UserError
 from .files import atomic_write_text
 
 ORPO_STUDENT_NEGATIVES = ("orpo_off", "orpo_on", "orpo_mixed")
@@ -72,12 +81,18 @@ def _store_costs(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def run(cfg: Config, *, progress: bool = True, validate: bool = False) -> dict[str, Any]:
-    """Run the whole pipeline for one config; returns the results dict also written to `results.json`."""
+def run(cfg: Config, *, progress: bool = True, validate: bool = False, checked: bool = False) -> dict[str, Any]:
+    """Run the whole pipeline for one config; returns the results dict also written to `results.json`.
+
+    Raises `UserError` from `preflight` before anything is written (unless `checked`: the caller ran it), and
+    `TrainingDiverged` at the end when a variant diverged (the others are trained and reported first)."""
     from . import report
     from .sampling.stage import run_traces
     from .train import run_train
 
+    variants = list(cfg.run.variants)
+    if not checked:
+        preflight(cfg, validate=validate)
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
@@ -85,7 +100,6 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False) -> dict[s
         import torch
 
         torch.set_num_threads(cfg.run.threads)
-    variants = list(cfg.run.variants)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -93,47 +107,90 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False) -> dict[s
     if any(v != "zero_shot" for v in variants):
         _log(progress, "stage 1/4: teacher traces")
         t = time.perf_counter()
-        run_traces(cfg, "teacher", progress=progress)
+        _check_sampled(cfg, "teacher", run_traces(cfg, "teacher", progress=progress))
         timings["teacher_traces_s"] = time.perf_counter() - t
     if any(v in ORPO_STUDENT_NEGATIVES for v in variants):
         _log(progress, "stage 2/4: initial student traces")
         t = time.perf_counter()
-        run_traces(cfg, "student", progress=progress)
+        _check_sampled(cfg, "student", run_traces(cfg, "student", progress=progress))
         timings["student_traces_s"] = time.perf_counter() - t
 
-    # 3. every variant x seed (each skipped when its result.json exists, resumed from its checkpoint otherwise)
+    # 3. every variant x seed (each skipped when its result.json exists, resumed from its checkpoint otherwise);
+    # one at a time, so that a variant that diverges is recorded and the others still run
     _log(progress, f"stage 3/4: {len(variants)} variant(s) x {cfg.run.seeds} seed(s)")
     t = time.perf_counter()
-    trained = run_train(cfg, variants=variants, seeds=seeds_of(cfg), progress=progress)
+    trained: list[dict[str, Any]] = []
+    diverged: list[tuple[str, int, str]] = []
+    for v in variants:
+        for s in seeds_of(cfg):
+            try:
+                trained += run_train(cfg, variants=[v], seeds=[s], progress=progress)
+            except TrainingDiverged as e:
+                diverged.append((v, s, str(e)))
+                import sys
+
+                print(f"orpo-distill: {v} seed {s} diverged: {e}", file=sys.stderr, flush=True)
     timings["train_and_eval_s"] = time.perf_counter() - t
     if validate:
         trained = [validate_result(cfg, r, progress=progress) for r in trained]
 
     # 4. results.json, results.md, plots
     _log(progress, "stage 4/4: report")
-    results = build_results(cfg, trained)
+    results = build_results(cfg, trained, diverged)
     results["costs"].update({"pipeline_seconds_this_invocation": round(time.perf_counter() - t0, 2), **timings})
     report.save_results(out, results)
     report.write_report(out, results)
+    if diverged:
+        err = TrainingDiverged(diverged_message(diverged))
+        err.results = results  # type: ignore[attr-defined]
+        raise err
     return results
 
 
-def build_results(cfg: Config, trained: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The results.json dict from the trainer's per-variant, per-seed results."""
+def diverged_message(diverged: Sequence[tuple[str, int, str]]) -> str:
+    """One line naming every diverged variant/seed and what to do (the exit-4 message)."""
+    names = ", ".join(f"{v} seed {s}" for v, s, _ in diverged)
+    return (f"training diverged (a NaN/inf loss or gradient) for {names}; the other variants finished and are in "
+            "results.json. Lower trainer.lr or set trainer.max_grad_norm, then run the same command (finished "
+            "variants are skipped)")
+
+
+def _check_sampled(cfg: Config, which: str, rep: Any) -> None:
+    """An endpoint that answered none of the prompts (every request rejected, e.g. HTTP 400) gives nothing to
+    train on: stop here with its reason rather than after sampling the student."""
+    failed = getattr(rep, "failed_prompts", 0)
+    if failed and rep.sampled == 0 and rep.existing == 0:
+        mcfg = cfg.teacher if which == "teacher" else cfg.student
+        where = f" at {mcfg.base_url}" if mcfg.base_url else ""
+        raise EndpointError(f"{which} {mcfg.model!r}{where} answered none of the {failed} prompts ({rep.errors} "
+                            "request errors; the warnings above give the reasons); nothing was sampled. Check "
+                            f"{which}.model (the served name) and the sampling settings against the server")
+
+
+def build_results(cfg: Config, trained: Sequence[dict[str, Any]],
+                  diverged: Sequence[tuple[str, int, str]] = ()) -> dict[str, Any]:
+    """The results.json dict from the trainer's per-variant, per-seed results; a diverged (variant, seed) counts
+    as a diverged seed (no accuracy, never 0)."""
     from .report import aggregate
 
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in trained:
         by_variant.setdefault(r["variant"], []).append(r)
+    failed: dict[str, list[dict[str, Any]]] = {}
+    for v, s, msg in diverged:
+        failed.setdefault(v, []).append({"accuracy": None, "diverged": True, "seed": s, "n": None,
+                                         "message": msg})
     variants: dict[str, Any] = {}
     # student sampling between epochs is counted from the store, under costs.student_refresh
     train_cost = {"train_seconds": 0.0, "eval_seconds": 0.0, "train_tokens": 0, "optimizer_steps": 0}
     for v in cfg.run.variants:
         rs = by_variant.get(v, [])
-        if not rs:
+        if not rs and not failed.get(v):
             continue
-        entry = aggregate([seed_entry(r) for r in rs])
-        if all(r.get("validation_eval") for r in rs):
+        entry = aggregate([seed_entry(r) for r in rs] + failed.get(v, []))
+        if failed.get(v):
+            entry["diverged_seed_ids"] = [f["seed"] for f in failed[v]]
+        if rs and all(r.get("validation_eval") for r in rs):
             val = aggregate([seed_entry(r, "validation_eval") for r in rs])
             entry["validation"] = {"accuracy": val["accuracy"], "std": val["std"], "n": val["n"],
                                    "seeds": val["seeds"]}
@@ -169,19 +226,193 @@ def validate_result(cfg: Config, result: dict[str, Any], *, progress: bool = Tru
     return {**result, "validation_eval": res.metrics()}
 
 
+# ---- checks before anything expensive ----------------------------------------------------------------------------
+
+def _store_hint(message: str) -> str:
+    m = message.lower()
+    if "full" in m:
+        return ("the disk holding it is full: free space and run the same command again (every trace committed "
+                "so far is kept)")
+    if "readonly" in m or "read-only" in m:
+        return ("it cannot be written (a read-only file, folder or file system): make it writable, or point "
+                "run.store at a writable place")
+    if "locked" in m or "busy" in m:
+        return "another process holds it locked: wait for that process to finish, or stop it, then run again"
+    if "not a database" in m or "malformed" in m or "not a trace store" in m or "schema" in m:
+        return ("it is damaged or is not an orpo-distill trace store: move it away (a new store is created, and "
+                "traces are sampled again) or restore a copy")
+    if "unable to open" in m:
+        return "it cannot be opened: check that its folder exists and is writable"
+    return "check the file, its folder and the free disk space"
+
+
+def store_error(path: str | os.PathLike[str], e: BaseException) -> UserError:
+    """A trace-store failure (sqlite3 error, or the store's own 'not a trace store') as a message naming the
+    store's path, SQLite's words ("database or disk is full", ...) and what to do."""
+    msg = str(e)
+    return UserError(f"trace store {path}: {msg}; {_store_hint(msg)}")
+
+
+@contextmanager
+def store_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn any sqlite3 error raised inside the block into `store_error(path, ...)` (the only SQLite file this
+    package uses is the trace store)."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise store_error(path, e) from e
+
+
+def _check_store(cfg: Config, problems: list[str]) -> None:
+    from .sampling.stage import store_path
+    from .store import TraceStore
+
+    path = store_path(cfg)
+    try:
+        if path.exists():
+            # opening it read-write runs the schema check and the WAL switch: a damaged, foreign, locked or
+            # read-only store fails here, not after a model has been loaded
+            with TraceStore(path, timeout_s=5.0):
+                pass
+            if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+                raise sqlite3.OperationalError("attempt to write a readonly database")
+        else:
+            parent = next((a for a in [path.parent, *path.parent.parents] if a.exists()), None)
+            if parent is not None and not os.access(parent, os.W_OK):
+                raise sqlite3.OperationalError(f"unable to open database file (folder {parent} is read-only)")
+    except (sqlite3.Error, ValueError) as e:
+        problems.append(str(store_error(path, e)))
+
+
+def _check_out_dir(out: Path, problems: list[str]) -> None:
+    if out.exists() and not out.is_dir():
+        problems.append(f"run.out_dir: {out} is a file; give a folder")
+        return
+    parent = next((a for a in [out, *out.parents] if a.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        problems.append(f"run.out_dir: {out} cannot be written ({parent} is read-only); choose another --out")
+
+
+def finished_with_other_settings(cfg: Config, variants: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    """The finished variant/seed folders of this run's out_dir whose `result.json` was produced with settings
+    that give other numbers than `cfg` (the trainer's `config_hash` / `eval_fingerprint` differ)."""
+    from . import train
+
+    found = []
+    for v in variants:
+        for s in seeds:
+            f = train.variant_dir(cfg, v, s) / "result.json"
+            if not f.is_file():
+                continue
+            try:
+                old = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                found.append(f"{v} seed {s} ({f} is unreadable)")
+                continue
+            for key in ("config_hash", "eval_fingerprint"):
+                now = getattr(train, key, None)
+                if isinstance(old, dict) and key in old and now is not None and old[key] != now(cfg):
+                    found.append(f"{v} seed {s} ({key} {old[key]}, these settings give {now(cfg)})")
+                    break
+    return found
+
+
+def _check_data(cfg: Config, splits: Sequence[str], problems: list[str]) -> None:
+    from .tasks import TaskDataError, load_questions, load_task
+
+    try:
+        load_task(cfg.task)
+    except (TaskDataError, ValueError) as e:
+        problems.append(str(e))
+        return
+    for split in dict.fromkeys(splits):
+        try:
+            qs = load_questions(cfg.task, split)  # type: ignore[arg-type]
+        except (TaskDataError, ValueError, OSError) as e:
+            problems.append(str(e))
+            continue
+        if not qs:
+            where = (f"task.synthetic.n_{split} is 0" if cfg.task.name == "synthetic"
+                     else f"task.{split} ({getattr(cfg.task, split).path or 'the hub default'}) has no questions")
+            problems.append(f"the {split} split is empty: {where}; it needs at least one question")
+
+
+def _check_model(cfg: Config, which: str, problems: list[str]) -> None:
+    from .models import check_model, resolve_device
+
+    mcfg = getattr(cfg, which)
+    if mcfg.backend == "openai":
+        if which == "student":
+            problems.append("student.backend: openai cannot be trained; use hf (or vllm for the student's "
+                            "sampling)")
+        elif not mcfg.model:
+            problems.append("teacher.model is not set: give the served model name")
+        elif mcfg.api_key_env and not os.environ.get(mcfg.api_key_env):
+            problems.append(f"teacher.api_key_env names the environment variable {mcfg.api_key_env!r}, which is "
+                            "not set (or empty); export it before running")
+        return
+    try:
+        check_model(mcfg, key=f"{which}.model")
+        resolve_device(mcfg.device, key=f"{which}.device")
+    except UserError as e:
+        problems.append(str(e))
+
+
+def preflight(cfg: Config, *, stages: Sequence[str] = ("teacher", "student", "train"),
+              variants: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+              validate: bool = False) -> None:
+    """Everything `run` (or one stage: "teacher", "student", "train") can check in seconds, before loading a model
+    or sampling anything; raises one UserError listing every problem (exit 2). Checks: models (a local folder
+    exists, its config.json parses and names a known model_type, tokenizer files), devices, API key variables,
+    that every split needed has questions, the trace store opens and is writable, the output folder is writable,
+    and that the output folder does not hold finished variants produced with other settings."""
+    variants = list(variants or cfg.run.variants)
+    seeds = list(seeds) if seeds is not None else seeds_of(cfg)
+    needs_teacher = any(v != "zero_shot" for v in variants)
+    stages = [st for st in stages
+              if st == "train" or (st == "teacher" and needs_teacher)
+              or (st == "student" and any(v in ORPO_STUDENT_NEGATIVES for v in variants))]
+    problems: list[str] = []
+    if "teacher" in stages:
+        _check_model(cfg, "teacher", problems)
+    if "student" in stages or "train" in stages:
+        _check_model(cfg, "student", problems)
+    splits = ["train"] if {"teacher", "student"} & set(stages) or ("train" in stages and needs_teacher) else []
+    if "train" in stages:
+        splits += [cfg.eval.split] + (["validation"] if validate else [])
+    _check_data(cfg, splits, problems)
+    if stages:
+        _check_store(cfg, problems)
+    if "train" in stages:
+        _check_out_dir(Path(cfg.run.out_dir), problems)
+        other = finished_with_other_settings(cfg, variants, seeds)
+        if other:
+            problems.append(f"{cfg.run.out_dir} holds finished results made with other settings: "
+                            f"{'; '.join(other)}. Re-using them would mix two runs; choose another --out "
+                            "(run.out_dir), or delete the folder to start over")
+    if problems:
+        raise UserError(problems[0] if len(problems) == 1 else
+                        "cannot start:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems))
+
+
 # ---- sweeps -------------------------------------------------------------------------------------------------------
 
 def parse_sweep(items: Sequence[str]) -> dict[str, list[Any]]:
     """`["objective.lam=0.1,0.3,1", "policy.phi=0,0.5,1"]` -> {"objective.lam": [0.1, 0.3, 1.0], ...}."""
     grid: dict[str, list[Any]] = {}
     for item in items:
-        if "=" not in item:
-            raise ValueError(f"--sweep {item!r} must look like section.key=v1,v2,...")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise UserError(f"--sweep {item!r} must look like section.key=v1,v2,... (e.g. policy.phi=0,0.5,1)")
         key, raw = item.split("=", 1)
+        key = key.strip()
+        if "." not in key:
+            raise UserError(f"--sweep {item!r}: {key!r} is not a section.key (e.g. objective.lam)")
+        if key in grid:
+            raise UserError(f"--sweep {key} is given twice; list all its values once: {key}=v1,v2")
         values = [parse_override(f"{key}={v}")[1] for v in raw.split(",") if v.strip() != ""]
         if not values:
-            raise ValueError(f"--sweep {item!r} lists no values")
-        grid[key.strip()] = values
+            raise UserError(f"--sweep {item!r} lists no values (e.g. {key}=v1,v2)")
+        grid[key] = values
     return grid
 
 
@@ -200,7 +431,10 @@ def sweep_cells(base: Config, grid: dict[str, list[Any]]) -> list[tuple[dict[str
         data = apply_overrides(base.model_dump(mode="json"), [f"{k}={json.dumps(v)}" for k, v in ov.items()])
         data["run"]["out_dir"] = str(out / "cells" / cell_name(ov))
         data["run"]["store"] = str(out / "traces.sqlite")
-        cells.append((ov, config_from_dict(data, f"sweep cell {cell_name(ov)}")))
+        try:
+            cells.append((ov, config_from_dict(data, f"sweep cell {cell_name(ov)}")))
+        except ConfigError as e:
+            raise ConfigError(f"--sweep {', '.join(f'{k}={v}' for k, v in ov.items())}: {e}") from None
     return cells
 
 
@@ -209,15 +443,28 @@ def run_sweep(base: Config, grid: dict[str, list[Any]], *, progress: bool = True
     chosen on validation accuracy."""
     from .report import write_sweep_report
 
+    cells = sweep_cells(base, grid)  # every cell's config is validated before anything runs
+    for _, cfg in cells:
+        preflight(cfg, validate=True)
     cells_out = []
-    for ov, cfg in sweep_cells(base, grid):
+    diverged: list[tuple[str, int, str]] = []
+    for ov, cfg in cells:
         _log(progress, f"sweep cell {cell_name(ov)}")
-        res = run(cfg, progress=progress, validate=True)
+        try:
+            res = run(cfg, progress=progress, validate=True, checked=True)
+        except TrainingDiverged as e:
+            res = getattr(e, "results", None) or {"variants": {}}
+            diverged += [(f"{v} [{cell_name(ov)}]", s, "") for v, entry in res["variants"].items()
+                         for s in entry.get("diverged_seed_ids", [])]
         for v, e in res["variants"].items():
+            if e.get("accuracy") is None:  # every seed diverged: nothing to compare
+                continue
             val = e.get("validation") or {}
             cells_out.append({"variant": v, "overrides": ov, "validation": val.get("seeds", []),
                               "test": e.get("seeds", [])})
     write_sweep_report(Path(base.run.out_dir), cells_out)
+    if diverged:
+        raise TrainingDiverged(diverged_message(diverged))
     return cells_out
 
 
