@@ -24,7 +24,7 @@ from orpo_distill.pairs import (
     plan_batches,
     truncate_prompt,
 )
-from orpo_distill.tasks.prompts import render_prompt
+from orpo_distill.tasks.prompts import completion_end_ids, end_of_turn_ids, render_prompt
 
 MSG = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 COMPLETION = "Tom starts with 3 apples. He buys 4 more, so 3 + 4 = 7. The answer is 7."
@@ -173,6 +173,14 @@ def test_smollm2_chat_template_boundaries():
         assert tok.decode(e.prompt_ids[-3:]).endswith("assistant\n")  # the completion follows the generation prompt
         assert tok.convert_ids_to_tokens(e.chosen_ids)[-1] == "<|im_end|>"
         assert tok.decode(e.prompt_ids) == render_prompt(tok, MSG, "chat", system)
+        # the answer ends as the chat template ends an assistant turn, and the sampler stops there
+        end = tok.convert_tokens_to_ids("<|im_end|>")
+        assert completion_end_ids(tok, "chat", system) == [end] and e.chosen_ids.count(end) == 1
+        assert end in end_of_turn_ids(tok, "chat", system)
+        conv = tok.apply_chat_template(([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": MSG}, {"role": "assistant", "content": COMPLETION}], tokenize=False)
+        row = tok.decode(e.prompt_ids + e.chosen_ids)
+        assert conv.startswith(row) and conv[len(row):].strip() == ""
 
 
 # ---------------------------------------------------------------- truncation
