@@ -322,3 +322,41 @@ def test_huge_lr_stops_the_variant_before_any_non_finite_weight_is_written(setup
         json.loads((ck / "state.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     rows = _strict_rows(out / "metrics.jsonl")
     assert rows[-1]["kind"] == "diverged"
+
+
+# ---------------------------------------------------------------- a finished variant folder and other settings
+
+def test_finished_variant_is_reused_only_for_its_own_settings(setup, tmp_path):
+    from orpo_distill.errors import UserError
+
+    cfg, task, qs, store = setup
+    cfg = cfg.model_copy(deep=True)
+    cfg.trainer.epochs = 1
+    out = tmp_path / "v"
+    res = _train(cfg, "sft_single", task, qs, store, out=out)
+    assert res["config_hash"] and res["eval_fingerprint"] and res["identity_hash"]
+
+    def again(**changes):
+        c = cfg.model_copy(deep=True)
+        for key, value in changes.items():
+            section, name = key.split(".")
+            setattr(getattr(c, section), name, value)
+        return _train(c, "sft_single", task, qs, None, out=out)
+
+    assert again(**{"trainer.report_to": ["jsonl", "tensorboard"], "trainer.log_every_steps": 3,
+                    "eval.batch_size": 2, "student.batch_size": 3}) == res  # cosmetic: reused
+    with pytest.raises(UserError, match="trainer.lr") as err:
+        again(**{"trainer.lr": 1e-4})
+    assert str(out) in str(err.value) and "another run.out_dir" in str(err.value)
+    with pytest.raises(UserError, match="eval.split") as err:
+        again(**{"eval.split": "validation"})
+    assert "evaluat" in str(err.value) and str(out) in str(err.value)
+    # zero-shot: the untouched student; training settings do not matter, evaluation settings do
+    zs = tmp_path / "zs"
+    z = _train(cfg, "zero_shot", task, qs, store, out=zs)
+    other = cfg.model_copy(deep=True)
+    other.trainer.lr = 1e-4
+    assert _train(other, "zero_shot", task, qs, None, out=zs) == z
+    other.eval.max_new_tokens = 3
+    with pytest.raises(UserError, match="eval.max_new_tokens"):
+        _train(other, "zero_shot", task, qs, None, out=zs)

@@ -191,10 +191,62 @@ def identity_hash(cfg: Config) -> str:
                         "student": list(model_revision(cfg.student))})
 
 
+# "weights" keys that the evaluation reads too (its defaults for max new tokens / majority vote, the prompt format)
+_EVAL_ALSO = ("sampling.temperature", "sampling.top_p", "sampling.max_new_tokens", "sampling.stop", "sampling.seed",
+              "student.template", "student.system_prompt", "task.name", "task.kind", "task.fields", "task.grader",
+              "task.skip_invalid", "task.synthetic")
+
+
+def _eval_settings(cfg: Config) -> dict[str, Any]:
+    weights = _keys_of_class(cfg, "weights")
+    return {**_keys_of_class(cfg, "eval"), **{k: weights[k] for k in _EVAL_ALSO}}
+
+
 def eval_fingerprint(cfg: Config) -> str:
     """A short hash of what a variant's evaluation depends on besides its weights: the "eval" keys of
-    `HASH_CLASSES` (split and its data, max new tokens, majority vote, every epoch)."""
-    return _short_hash(_keys_of_class(cfg, "eval"))
+    `HASH_CLASSES` (split and its data, max new tokens, majority vote, every epoch) and the sampling, prompt and
+    grading settings it reads."""
+    return _short_hash(_eval_settings(cfg))
+
+
+def run_fingerprints(cfg: Config) -> dict[str, Any]:
+    """What result.json and checkpoints record to tell whether they belong to this config: the hashes and the
+    settings behind them (so a refusal can name the keys that changed)."""
+    from .run_traces import model_revision
+
+    teacher, student = list(model_revision(cfg.teacher)), list(model_revision(cfg.student))
+    return {"config_hash": config_hash(cfg), "identity_hash": identity_hash(cfg),
+            "eval_fingerprint": eval_fingerprint(cfg),
+            "settings": {"weights": {**_keys_of_class(cfg, "weights"), "teacher identity": teacher,
+                                     "student identity": student},
+                         "eval": _eval_settings(cfg)}}
+
+
+def _changed(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """The keys whose values differ, as `key old -> new` (at most five)."""
+    if not old:
+        return "written by an older orpo-distill, which did not record its settings"
+    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(diff[:5]) + (f" and {len(diff) - 5} more" if len(diff) > 5 else "") if diff else "-"
+
+
+def _check_finished(prev: dict[str, Any], fp: dict[str, Any], variant: str, out: Path) -> None:
+    """A finished variant folder is reused only for the settings it was trained and evaluated with."""
+    old = prev.get("settings") or {}
+    if variant == "zero_shot":  # the untouched student: only its identity matters besides evaluation
+        same = (old.get("weights") or {}).get("student identity") == fp["settings"]["weights"]["student identity"]
+    else:
+        same = prev.get("identity_hash") == fp["identity_hash"]
+    if not same:
+        raise UserError(f"{out} holds a finished {variant} trained with other settings (hash "
+                        f"{prev.get('identity_hash') or prev.get('config_hash')}, now {fp['identity_hash']}: "
+                        f"{_changed(old.get('weights'), fp['settings']['weights'])}); its result would be reported "
+                        "for this config. Use another run.out_dir (--out), or remove that folder to train it again")
+    if prev.get("eval_fingerprint") != fp["eval_fingerprint"]:
+        raise UserError(f"{out} holds a finished {variant} evaluated with other evaluation settings "
+                        f"({_changed(old.get('eval'), fp['settings']['eval'])}); its accuracy would be reported "
+                        "for this config. Use another run.out_dir (--out) for this evaluation, or remove that "
+                        "folder to train and evaluate it again")
 
 
 def student_revision(cfg: Config, variant: str, seed: int, epochs_trained: int) -> str:
@@ -580,8 +632,11 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
     spec = variant_spec(variant)
     out = Path(out_dir)
     done = out / "result.json"
+    fp = run_fingerprints(cfg)
     if done.exists():
-        return json.loads(done.read_text(encoding="utf-8"))
+        prev = json.loads(done.read_text(encoding="utf-8"))
+        _check_finished(prev, fp, variant, out)
+        return prev
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     tc = cfg.trainer
@@ -604,7 +659,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
 
     if spec.objective == "none":  # zero-shot: the untouched student, evaluated
         result = {"variant": variant, "seed": seed, "per_epoch": [], "final_eval": None, "costs": costs,
-                  "model_dir": None, "config_hash": config_hash(cfg)}
+                  "model_dir": None, **fp}
         if evaluator is not None:
             t0 = time.perf_counter()
             with rng_fork(), accelerator.autocast():
@@ -718,13 +773,15 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
     state: dict[str, Any] = {"epoch": 1, "step_in_epoch": 0, "global_step": 0, "warmup_steps": None,
                              "total_steps": None, "history": [], "plan": None, "log_lines": None, "costs": costs,
                              "sample_reports": sample_reports, "epoch_sums": {}, "epoch_counts": {},
-                             "config_hash": config_hash(cfg)}
+                             "identity_hash": fp["identity_hash"],
+                             "settings": fp["settings"]["weights"]}
     ckpt = latest_checkpoint(out / "checkpoints")
     if ckpt is not None:
-        saved_hash = json.loads((ckpt / "state.json").read_text(encoding="utf-8")).get("config_hash")
-        if saved_hash != config_hash(cfg):
-            raise ValueError(f"{ckpt} was written with another config (hash {saved_hash}, now {config_hash(cfg)}); "
-                             f"resume with the same config and overrides, or remove {out} to start over")
+        saved = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+        if saved.get("identity_hash") != fp["identity_hash"]:
+            raise UserError(f"{ckpt} was written with another config (hash {saved.get('identity_hash')}, now "
+                            f"{fp['identity_hash']}: {_changed(saved.get('settings'), fp['settings']['weights'])}); "
+                            f"resume with the same config and overrides, or remove {out} to start over")
         state = load_checkpoint(ckpt, model=raw_model, optimizer=optimizer, scaler=accelerator.scaler)
         costs.update(state["costs"])
         sample_reports[:] = state.get("sample_reports", [])
@@ -867,7 +924,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
     # -- 5. the final student, the result --------------------------------------------------------------------------
     history = state["history"]
     result: dict[str, Any] = {
-        "variant": variant, "seed": seed, "config_hash": config_hash(cfg),
+        "variant": variant, "seed": seed, **fp,
         "phi": (spec.phi if spec.phi is not None else cfg.policy.phi) if spec.negatives == "student" else None,
         "phi_schedule": (cfg.policy.schedule if spec.phi is None else "constant")
         if spec.negatives == "student" else None,
