@@ -92,3 +92,16 @@ def test_collated_batches_move_to_a_device_value_by_value(unigram_tokenizer):
     moved = {k: v.to("cpu") for k, v in b.items()}  # what the trainer does with every batch
     assert all(isinstance(v, torch.Tensor) for v in moved.values())
     assert bool(moved["is_pair"]) and not bool(collate(_items(2, False, 50), 0)["is_pair"])
+
+
+def test_a_step_mixing_pair_and_sft_batches_weighs_every_example_once(model, unigram_tokenizer):
+    """An ORPO step may hold SFT-only micro-batches (questions without negatives): each example counts once."""
+    vocab, pad = len(unigram_tokenizer), unigram_tokenizer.pad_token_id
+    orpo, sft = ORPOLoss(lam=0.5), SFTLoss()
+    pb, sb = collate(_items(3, True, vocab, seed=3), pad), collate(_items(2, False, vocab, seed=4), pad)
+    totals = step_totals([pb, sb], "completion")
+    assert totals.items == 5
+    with torch.no_grad():
+        shares = orpo(model, pb, totals)[0] + sft(model, sb, totals)[0]
+        want = (3 * orpo(model, pb)[0] + 2 * sft(model, sb)[0]) / 5
+    assert shares.item() == pytest.approx(want.item(), rel=1e-6)

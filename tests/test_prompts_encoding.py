@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 from conftest import CORPUS, tiny_llama
 
 from orpo_distill.pairs import Encoder, Example, Text, collate
@@ -95,7 +94,8 @@ def test_training_and_sampling_prompt_ids_are_the_same(name, request):
     train_ids, _ = Encoder(tok, template=template).prompt("q", MSG)
     assert train_ids == _sampled_prompt_ids(tok, template, MSG)
     assert train_ids[-1] != tok.eos_token_id or tok.eos_token_id == tok.bos_token_id  # a prompt never ends the text
-    with_bos = tok(MSG, add_special_tokens=True)["input_ids"][0] == tok.bos_token_id and tok.bos_token_id != tok.eos_token_id
+    bos = tok.bos_token_id
+    with_bos = tok(MSG, add_special_tokens=True)["input_ids"][0] == bos and bos != tok.eos_token_id
     if with_bos or name == "gemma":  # the model uses a BOS: exactly one, first
         assert train_ids[0] == tok.bos_token_id and train_ids.count(tok.bos_token_id) == 1
     text = render_prompt(tok, MSG, template)

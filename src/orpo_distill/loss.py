@@ -309,7 +309,7 @@ def sequence_logps_naive(model: nn.Module, input_ids: Tensor, attention_mask: Te
 class StepTotals:
     """What the whole optimiser step holds, over all its micro-batches (see `step_totals`)."""
 
-    items: int  # examples in the whole optimiser step over all its micro-batches (pairs count 1 each, SFT examples 1 each)
+    items: int  # examples in the whole optimiser step over all its micro-batches (a pair 1, an SFT example 1)
     tokens: int  # NLL-scored target tokens (chosen / SFT sequences only, per nll_scope) in the whole step
 
 
