@@ -18,7 +18,7 @@ from sampling_helpers import AddTask, add_questions, comparable
 from orpo_distill.config import ModelConfig
 from orpo_distill.sampling.base import GenerationFailed, SamplingParams, sample_seed
 from orpo_distill.sampling.openai_api import OpenAIGenerator, _Bucket
-from orpo_distill.sampling.stage import SamplingAborted, make_generator, sample_to_store
+from orpo_distill.sampling.stage import SamplingAborted, SamplingIncomplete, make_generator, sample_to_store
 from orpo_distill.store import TraceStore
 
 pytest.importorskip("openai")
@@ -187,13 +187,36 @@ def test_completions_endpoint_uses_the_plain_template(tmp_path):
         client("http://x/v1", endpoint="completions", template="chat")
 
 
-def test_a_prompt_that_cannot_succeed_is_skipped_not_fatal(tmp_path):
+def test_a_prompt_that_cannot_succeed_keeps_the_others_and_is_reported(tmp_path):
     qs = add_questions(5)
     poison = AddTask().user_message(qs[2]).split("?")[0]
     with FakeOpenAIServer(reject_substring=poison) as srv, TraceStore(tmp_path / "t.sqlite") as store:
-        r = run_stage(client(srv.base_url), store, qs)
-        assert r.failed_prompts == 1 and r.sampled == 12 and r.errors == 1
-        assert "q0002" not in {t.question_id for t in store.traces()}
+        # by default a partial failure is an error (exit 3) that keeps the others' traces and gives the reason
+        with pytest.raises(SamplingIncomplete) as ei:
+            run_stage(client(srv.base_url), store, qs)
+        msg = str(ei.value)
+        assert "1 of 5 prompts failed" in msg and "HTTP 400: this prompt is too long" in msg
+        assert ei.value.exit_code == 3 and ei.value.report.sampled == 12
+        assert len(store) == 12 and "q0002" not in {t.question_id for t in store.traces()}
+        assert store.stats()["runs"]["teacher/teacher"]["aborted_calls"] == 1
+        # tolerated when asked: the same call returns its report
+        r = run_stage(client(srv.base_url), store, qs, allow_failed_prompts=True)
+        assert r.failed_prompts == 1 and r.sampled == 0 and r.errors == 1 and r.existing == 12
+        assert store.stats()["runs"]["teacher/teacher"]["calls"] == 2  # the second call paid: recorded too
+
+
+def test_every_prompt_failing_is_an_endpoint_error_with_the_servers_reason(tmp_path):
+    qs = add_questions(4)
+    with FakeOpenAIServer(reject_substring="What is") as srv, TraceStore(tmp_path / "t.sqlite") as store:
+        for allow in (False, True):  # nothing obtained is an error even when partial failures are tolerated
+            with pytest.raises(SamplingIncomplete) as ei:
+                run_stage(client(srv.base_url), store, qs, allow_failed_prompts=allow)
+            msg = str(ei.value)
+            assert "every one of the 4 prompts to sample failed" in msg
+            assert "4 x HTTP 400: this prompt is too long for the context window" in msg
+            assert ei.value.exit_code == 3 and len(store) == 0
+        runs = store.stats()["runs"]["teacher/teacher"]
+        assert runs["calls"] == 2 and runs["errors"] == 8 and runs["aborted_calls"] == 2
 
 
 def test_token_bucket_paces_requests(monkeypatch):

@@ -5,23 +5,31 @@ Each `Trace` is keyed by a content hash (`trace_key`) of what determines it: rol
 sample index. Writing is `INSERT OR IGNORE` on that key inside one transaction per batch, in WAL mode, so a batch is
 either wholly on disk or absent after a crash (`kill -9` included), re-running the same command samples only the
 keys the store lacks, and a second identical run makes zero teacher calls. A `runs` table records each sampling
-call's usage, errors and cost, so `stats()` can report tokens and money spent. Export to JSONL and to a
-`datasets.Dataset`.
+call's usage, errors and cost, so `stats()` can report tokens and money spent. `sampling_lock` is an advisory file
+lock (`<store>.lock`) that samplers hold while they look up, sample and write, so that two processes never pay for
+the same traces. Provenance fields (model id, revision, checkpoint) are stored with any credentials redacted.
+Export to JSONL and to a `datasets.Dataset`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+from .files import atomic_path, strict_json
 from .sampling.base import SamplingParams
+from .secrets import redact_text
 
 ROLES = ("teacher", "student")
 VERDICTS = ("correct", "wrong", "unparsed")
@@ -130,6 +138,8 @@ def _row(t: Trace) -> tuple:
     d = t.to_dict()
     d["params"] = json.dumps(_canonical_params(t.params), sort_keys=True, ensure_ascii=False)
     d["kept"] = int(bool(t.kept))
+    for k in ("model_id", "revision", "checkpoint"):  # provenance never carries a credential
+        d[k] = redact_text(d[k]) if d[k] is not None else None
     return tuple(d[f] for f in _FIELDS)
 
 
@@ -172,11 +182,11 @@ class TraceStore:
             version = self._db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
         except sqlite3.DatabaseError as e:
             self._db.close()
-            raise ValueError(f"{self.path}: not a trace store ({e})") from None
+            raise UserError(f"{self.path}: not a trace store ({e})") from None
         if version is None or int(version[0]) != SCHEMA_VERSION:
             self._db.close()
-            raise ValueError(f"{self.path}: trace store schema version {version and version[0]}, "
-                             f"this orpo-distill reads version {SCHEMA_VERSION}")
+            raise UserError(f"{self.path}: trace store schema version {version and version[0]}, "
+                            f"this orpo-distill reads version {SCHEMA_VERSION}")
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -188,6 +198,55 @@ class TraceStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the samplers' lock -------------------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    @contextmanager
+    def sampling_lock(self, what: str, *, timeout_s: float | None = None,
+                      poll_s: float = 0.2) -> Iterator[None]:
+        """Hold the store's advisory lock (`fcntl.flock` on `<store>.lock`) while sampling `what`.
+
+        A second sampler (another process, or another connection in this one) waits, saying once on stderr who
+        holds the lock, until it is released; with `timeout_s` it gives up with a `UserError` instead. The lock
+        is released by the kernel when its holder dies (kill -9 included), so a crash never leaves it stuck.
+        Not taken on systems without `fcntl` (Windows): there two samplers may still both sample.
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            t0 = time.monotonic()
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not told:
+                        holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+                        print(f"orpo-distill: {self.path} is being sampled by {holder}; waiting for it to finish "
+                              f"(then only what it did not sample is sampled here)", file=sys.stderr, flush=True)
+                        told = True
+                    if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                        raise UserError(f"{self.path}: another sampler still holds {self.lock_path} after "
+                                        f"{timeout_s:g} s; wait for it to finish, then run again") from None
+                    time.sleep(poll_s)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} ({redact_text(what)})".encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     # -- writing -----------------------------------------------------------------------------------------------
     def add(self, traces: Iterable[Trace]) -> int:
@@ -220,7 +279,8 @@ class TraceStore:
                 "INSERT INTO runs (role, source, model_id, revision, requested, existing, sampled, errors, "
                 "prompt_tokens, completion_tokens, seconds, cost_usd, status, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (role, source, model_id, revision, requested, existing, sampled, errors, prompt_tokens,
+                (role, source, redact_text(model_id), redact_text(revision), requested, existing, sampled, errors,
+                 prompt_tokens,
                  completion_tokens, seconds, cost_usd, status, time.time()))
 
     # -- reading -----------------------------------------------------------------------------------------------
@@ -315,15 +375,12 @@ class TraceStore:
     # -- export ------------------------------------------------------------------------------------------------
     def export_jsonl(self, path: str | Path) -> int:
         """Write every trace as one JSON object per line (deterministic order); returns the count."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         n = 0
-        with tmp.open("w", encoding="utf-8") as f:
-            for t in self.iter_all():
-                f.write(json.dumps(t.to_dict(), ensure_ascii=False) + "\n")
-                n += 1
-        tmp.replace(path)  # readers never see a half-written export
+        with atomic_path(path) as tmp:  # readers never see a half-written export; a failed one leaves no temp file
+            with tmp.open("w", encoding="utf-8") as f:
+                for t in self.iter_all():
+                    f.write(strict_json(t.to_dict()) + "\n")
+                    n += 1
         return n
 
     def to_dataset(self, **filters: Any):

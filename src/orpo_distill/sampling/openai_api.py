@@ -8,8 +8,11 @@ accounting. A prompt's samples are asked for in one request (`n`, prompt billed 
 run seed, the message and the first sample index; servers that ignore `n` are asked again for the rest.
 A request that still fails after `max_retries` retries means the endpoint is down: the call raises
 `GenerationFailed` carrying every completion obtained so far, so the stage can write them before stopping.
-The API key is read from the environment variable NAMED in the config, is sent only as the Authorization header,
-and is redacted from every message this module logs or raises.
+The API key is read from the environment variable NAMED in the config (a value that is not a variable name is
+refused without being repeated), is sent only as the Authorization header, and is redacted (`secrets.redact_text`)
+from every message this module logs or raises; a `base_url` carrying credentials is refused. Prompts the server
+rejects (400, 413, 422: they cannot succeed by retrying) are skipped and counted per reason in `prompt_failures`,
+so the stage can say why nothing came back.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..secrets import check_env_var_name, check_url, redact_text
 from ..tasks.prompts import PLAIN_TEMPLATE, chat_messages, render_prompt
 from .base import Completion, GenerationFailed, SamplingParams, resolve_sample_indices, sample_seed
 
@@ -74,6 +78,18 @@ class _Bucket:
         self.level -= amount  # may go negative: later requests wait for the debt to be paid
 
 
+def _server_message(e: Any) -> str:
+    """The server's own error message of an `openai.APIStatusError` (the `error.message` of its JSON body when it
+    has one), at most 300 characters; callers redact it."""
+    body = getattr(e, "body", None)
+    msg = None
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        msg = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
+    text = str(msg or getattr(e, "message", "") or e)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _split_tokens(total: int, texts: list[str]) -> list[int]:
     """Apportion a response's completion tokens to its choices by text length (exact for n=1)."""
     if len(texts) == 1:
@@ -102,6 +118,8 @@ class OpenAIGenerator:
         if endpoint == "completions" and template == "chat" and tokenizer is None:
             raise ValueError("endpoint: completions with template: chat needs the model's tokenizer to render the "
                              "chat template locally; use endpoint: chat, or template: plain")
+        check_url(base_url, "base_url")
+        check_env_var_name(api_key_env or None, "api_key_env")
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
@@ -131,6 +149,7 @@ class OpenAIGenerator:
         self.chunk_prompts = int(chunk_prompts or max(16, 4 * self.concurrency))
         self.error_count = 0  # failed attempts (each retried or final), for honest progress and reports
         self.errors_by_kind: dict[str, int] = {}
+        self.prompt_failures: dict[str, int] = {}  # redacted reason ("HTTP 400: <server message>") -> prompts
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
         self._jitter = random.Random()
 
@@ -156,10 +175,8 @@ class OpenAIGenerator:
 
     # -- secrets -----------------------------------------------------------------------------------------------
     def redact(self, text: str) -> str:
-        """`text` with the API key (and its Bearer form) replaced by ***."""
-        if self._api_key and len(self._api_key) >= 4 and self._api_key != "EMPTY":
-            text = text.replace(self._api_key, "***")
-        return text
+        """`text` with the API key, URL credentials and key-shaped tokens replaced by ***."""
+        return redact_text(text, [self._api_key])
 
     # -- the interface -----------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], params: SamplingParams,
@@ -201,7 +218,9 @@ class OpenAIGenerator:
                     results[p] = await self._all_samples(client, openai, prompts[p], params, indices[p], rpm, tpm,
                                                          down)
                 except _PromptFailed as e:
-                    log.warning("prompt %d failed and is skipped (a re-run retries it): %s", p, e)
+                    reason = self.redact(str(e))
+                    self.prompt_failures[reason] = self.prompt_failures.get(reason, 0) + 1
+                    log.warning("prompt %d failed and is skipped (a re-run retries it): %s", p, reason)
                 except _EndpointDown as e:
                     if not down:
                         down.append(str(e))
@@ -271,7 +290,7 @@ class OpenAIGenerator:
                         403: "permission denied for this model or key",
                         404: f"not found: check base_url ({self.base_url}) and the model name ({self.model!r})"}
                 raise _EndpointDown(self.redact(f"{self.base_url}: HTTP {e.status_code}: {hint[e.status_code]} "
-                                                f"({e.message})")) from None
+                                                f"({_server_message(e)})")) from None
             except openai.APIStatusError as e:
                 status = e.status_code
                 if status in (408, 409, 429) or status >= 500:
@@ -283,8 +302,8 @@ class OpenAIGenerator:
                         retry_after = None
                 else:  # 400, 413, 422...: this prompt will not succeed by retrying
                     self._record_error(f"http_{status}")
-                    raise _PromptFailed(self.redact(f"HTTP {status}: {e.message}")) from None
-                last = f"HTTP {status}: {e.message}"
+                    raise _PromptFailed(self.redact(f"HTTP {status}: {_server_message(e)}")) from None
+                last = f"HTTP {status}: {_server_message(e)}"
             except openai.APITimeoutError:
                 kind, last = "timeout", f"no response within {self.timeout_s:g} s"
             except asyncio.TimeoutError:

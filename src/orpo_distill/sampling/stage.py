@@ -3,10 +3,21 @@
 `sample_to_store` computes the content key of every (question, sample index) it is asked for, skips the keys the
 store already has, asks the generator for the rest in fixed chunks of consecutive questions (the same chunks on
 every run, so a resumed run equals an uninterrupted one), grades each completion with the task, applies the
-ROUGE-L diversity filter to teacher traces, and writes each chunk in one transaction as soon as it exists. When
-the backend gives up (an endpoint that stays down), what was obtained is written first and `SamplingAborted`
-explains how to resume. `make_generator` builds a backend from a `ModelConfig`; `run_traces` is what the
-`orpo-distill traces teacher|student` commands call.
+ROUGE-L diversity filter to teacher traces, and writes each chunk in one transaction as soon as it exists.
+
+Failures are never silent. When the backend gives up (an endpoint that stays down), what was obtained is written
+first and `SamplingAborted` (an `EndpointError`, exit 3) explains how to resume. When prompts fail one by one (the
+server answers 400 to each), the call still samples everything it can, then raises `SamplingIncomplete` (also exit
+3) with the server's reason (status code and message, secrets redacted): always when nothing at all was obtained,
+and for a partial failure unless the caller passed `allow_failed_prompts=True` (config `sampling.
+allow_failed_prompts` when the config has that key), in which case the report's `failed_prompts` says how many.
+
+One sampler at a time per store: `sample_to_store` holds the store's advisory lock (`<store>.lock`, see
+`TraceStore.sampling_lock`) from the look-up of missing keys to the last write, so two processes sampling the same
+traces cannot both pay for them; the second one waits, with a message, then finds them in the store. Every call
+that asked the backend for anything is recorded in the store's `runs` table (tokens, seconds, cost, status).
+`make_generator` builds a backend from a `ModelConfig`; `run_traces` is what the `orpo-distill traces
+teacher|student` commands call.
 """
 
 from __future__ import annotations
@@ -19,17 +30,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import EndpointError
+from ..secrets import redact_text
 from ..store import Trace, TraceStore, trace_key
 from .base import Completion, GenerationFailed, Generator, SamplingParams
 from .diversity import rouge_l_f1_tokens, rouge_tokens
 
 
-class SamplingAborted(RuntimeError):
-    """Sampling stopped early; everything obtained before that is in the store. The message says how to resume."""
+class SamplingAborted(EndpointError, RuntimeError):
+    """Sampling stopped early; everything obtained before that is in the store. The message says how to resume
+    (exit code 3: the endpoint is the cause)."""
 
     def __init__(self, message: str, report: SampleReport) -> None:
         super().__init__(message)
         self.report = report
+
+
+class SamplingIncomplete(SamplingAborted):
+    """Prompts failed (every one of them, or some without `allow_failed_prompts`); what was obtained is kept. The
+    message gives the backend's reasons (e.g. "HTTP 400: <server message>") and how to go on."""
 
 
 @dataclass
@@ -74,13 +93,43 @@ def _usage(generator: Generator) -> tuple[int, int] | None:
 
 def sample_to_store(generator: Generator, task, questions: Sequence, params: SamplingParams, store: TraceStore, *,
                     role: str, source: str, checkpoint: str | None = None, rouge_threshold: float | None = None,
-                    progress: bool = True, desc: str | None = None,
-                    chunk_prompts: int | None = None) -> SampleReport:
-    """Sample the missing traces of `questions` (params.n each) into `store`; see the module docstring."""
+                    progress: bool = True, desc: str | None = None, chunk_prompts: int | None = None,
+                    allow_failed_prompts: bool = False) -> SampleReport:
+    """Sample the missing traces of `questions` (params.n each) into `store`; see the module docstring.
+
+    Raises `SamplingAborted` when the backend gives up, `SamplingIncomplete` when prompts failed (always when no
+    prompt could be sampled; for some, unless `allow_failed_prompts`); both carry the `report`."""
     if role not in ("teacher", "student"):
         raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
     if not (source in ("teacher", "initial") or (source.startswith("epoch:") and source[6:].isdigit())):
         raise ValueError(f"source must be 'teacher', 'initial' or 'epoch:E', got {source!r}")
+    model_id = generator.model_id
+    # The lock spans look-up, sampling and writing: a second sampler of the same store waits here, then finds
+    # what the first one wrote instead of paying for it again.
+    with store.sampling_lock(f"{role} {source} {model_id}"):
+        return _sample_locked(generator, task, questions, params, store, role=role, source=source,
+                              checkpoint=checkpoint, rouge_threshold=rouge_threshold, progress=progress, desc=desc,
+                              chunk_prompts=chunk_prompts, allow_failed_prompts=allow_failed_prompts)
+
+
+def _failure_reasons(generator: Generator, before: dict[str, int]) -> str:
+    """The backend's reasons for the prompts that failed during this call, most frequent first (redacted)."""
+    now = getattr(generator, "prompt_failures", None)
+    if not isinstance(now, dict):
+        return "the backend returned no completions for them"
+    delta = {k: v - before.get(k, 0) for k, v in now.items() if v - before.get(k, 0) > 0}
+    if not delta:
+        return "the backend returned no completions for them"
+    top = sorted(delta.items(), key=lambda kv: -kv[1])
+    text = "; ".join(f"{n} x {reason}" for reason, n in top[:3])
+    if len(top) > 3:
+        text += f"; and {len(top) - 3} other reasons"
+    return redact_text(text)
+
+
+def _sample_locked(generator: Generator, task, questions: Sequence, params: SamplingParams, store: TraceStore, *,
+                   role: str, source: str, checkpoint: str | None, rouge_threshold: float | None, progress: bool,
+                   desc: str | None, chunk_prompts: int | None, allow_failed_prompts: bool) -> SampleReport:
     t0 = time.perf_counter()
     model_id, revision = generator.model_id, generator.revision
     messages = [task.user_message(q) for q in questions]
@@ -101,6 +150,7 @@ def sample_to_store(generator: Generator, task, questions: Sequence, params: Sam
     indexed = _accepts_indices(generator)
     err0 = int(getattr(generator, "error_count", 0))
     usage0 = _usage(generator)
+    failures0 = dict(getattr(generator, "prompt_failures", None) or {})
     status = "ok"
     bar = None
     if progress and todo_prompts:
@@ -167,6 +217,24 @@ def sample_to_store(generator: Generator, task, questions: Sequence, params: Sam
                     f"({report.existing} were already there) and are kept in {store.path}; "
                     f"{report.requested - report.existing - report.sampled} are still missing. "
                     "Run the same command again to sample only what is missing.", report) from None
+        # "Nothing": not one trace of the requested set exists, even counting earlier runs' (then training has no
+        # data at all); a partial failure keeps what exists and is an error unless tolerated.
+        nothing = report.existing + report.sampled == 0
+        if report.failed_prompts and (nothing or not allow_failed_prompts):
+            status = "failed" if nothing else "partial"
+            report.seconds = time.perf_counter() - t0
+            reasons = _failure_reasons(generator, failures0)
+            where = f"{role} {model_id}" + (f" ({source})" if source != role else "")
+            if nothing:
+                head = (f"{where}: every one of the {todo_prompts} prompts to sample failed, nothing was obtained "
+                        f"({reasons}).")
+                tail = "Fix the cause (the model name, the prompt length, max_new_tokens, ...) and run again."
+            else:
+                head = (f"{where}: {report.failed_prompts} of {todo_prompts} prompts failed ({reasons}); "
+                        f"{report.sampled} new traces of the others are kept in {store.path}.")
+                tail = ("Run the same command again to retry only the failed prompts, or set "
+                        "sampling.allow_failed_prompts: true to go on without them.")
+            raise SamplingIncomplete(f"{head} {tail}", report)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -174,7 +242,9 @@ def sample_to_store(generator: Generator, task, questions: Sequence, params: Sam
         if bar is not None:
             bar.close()
         report.seconds = time.perf_counter() - t0
-        if report.sampled or report.errors or status != "ok":
+        # Every call that asked the backend for anything is recorded (it may have cost money even when it wrote
+        # nothing: failed prompts, or traces another writer stored first); a pure look-up is not.
+        if todo_prompts or report.sampled or report.errors or status != "ok":
             store.add_run(role=role, source=source, model_id=model_id, revision=revision,
                           requested=report.requested, existing=report.existing, sampled=report.sampled,
                           errors=report.errors, prompt_tokens=report.prompt_tokens,
@@ -305,9 +375,13 @@ def store_path(cfg) -> Path:
     return Path(cfg.run.store) if cfg.run.store else Path(cfg.run.out_dir) / "traces.sqlite"
 
 
-def run_traces(cfg, which: str, *, progress: bool = True, generator: Generator | None = None) -> SampleReport:
+def run_traces(cfg, which: str, *, progress: bool = True, generator: Generator | None = None,
+               allow_failed_prompts: bool | None = None) -> SampleReport:
     """`orpo-distill traces teacher|student`: sample the teacher's (source "teacher", diversity filter on) or the
-    initial student's (source "initial") traces of the train split into `<run.out_dir>/traces.sqlite`."""
+    initial student's (source "initial") traces of the train split into `<run.out_dir>/traces.sqlite`.
+
+    Prompts that fail make it raise `SamplingIncomplete` (exit 3) unless `allow_failed_prompts` (default: the
+    config's `sampling.allow_failed_prompts` when it has that key, else False) and something was obtained."""
     from ..tasks import load_questions, load_task
 
     if which not in ("teacher", "student"):
@@ -317,11 +391,13 @@ def run_traces(cfg, which: str, *, progress: bool = True, generator: Generator |
     mcfg = cfg.teacher if which == "teacher" else cfg.student
     params = params_from_config(cfg, which)
     gen = generator or make_generator(mcfg)
+    allow = bool(getattr(cfg.sampling, "allow_failed_prompts", False)) if allow_failed_prompts is None \
+        else allow_failed_prompts
     with TraceStore(store_path(cfg)) as store:
         return sample_to_store(gen, task, questions, params, store, role=which,
                                source="teacher" if which == "teacher" else "initial",
                                rouge_threshold=cfg.sampling.rouge_threshold if which == "teacher" else None,
-                               progress=progress, desc=f"{which} traces")
+                               progress=progress, desc=f"{which} traces", allow_failed_prompts=allow)
 
 
 def resolve_store(target: str, overrides: Sequence[str] = ()) -> Path:
