@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .base import Question
 from .kinds import RowError
 
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 FILE_FORMATS = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 
 
-class TaskDataError(ValueError):
-    """Data that cannot be used; the message names the file, the line (or row) and the field."""
+class TaskDataError(UserError):
+    """Data that cannot be used; the message names the file, the line (or row) and the field (exit 2)."""
 
 
 @dataclass

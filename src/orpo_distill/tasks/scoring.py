@@ -1,8 +1,11 @@
 """Grading a predictions file against a task's questions: what `orpo-distill score` does.
 
-A predictions file is JSONL with a `completion` field per row. Rows pair with questions by `id` when every row
-has one and the ids are exactly the questions' ids (the files `evaluate` writes), otherwise by order: one row
-per question, or one per data row (so a file made before `--skip-invalid` dropped bad rows still lines up).
+A predictions file is JSONL with a `completion` field per row. When the rows carry an `id` (the files `evaluate`
+writes do), they pair with questions by id, and only by id: every row needs one, no id may repeat, every id must
+be a question of the data and every question must have its row; anything else is refused with the predictions
+file, the line and the id (predictions of another split or another dataset are never graded against the wrong
+questions). Rows without any id pair by order, with a row-count check: one row per question, or one per data row
+(so a file made before `--skip-invalid` dropped bad rows still lines up).
 """
 
 from __future__ import annotations
@@ -43,11 +46,10 @@ def read_predictions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def align(questions: Sequence[Question], preds: Sequence[Mapping[str, Any]], n_rows: int | None = None,
           where: str = "predictions") -> list[Mapping[str, Any]]:
-    """`preds` reordered so that item i belongs to `questions[i]` (by id, else by order)."""
-    ids = [q.id for q in questions]
-    if preds and all("id" in r for r in preds) and sorted(map(str, (r["id"] for r in preds))) == sorted(ids):
-        by_id = {str(r["id"]): r for r in preds}
-        return [by_id[i] for i in ids]
+    """`preds` reordered so that item i belongs to `questions[i]`: by id when the rows carry ids (all must match,
+    see the module docstring), by order with a row-count check when none does."""
+    if any("id" in r for r in preds):
+        return _align_by_id(questions, preds, where)
     if len(preds) == len(questions):
         return list(preds)
     if n_rows is not None and len(preds) == n_rows:
@@ -55,6 +57,38 @@ def align(questions: Sequence[Question], preds: Sequence[Mapping[str, Any]], n_r
     rows = f" (or {n_rows} data rows)" if n_rows is not None and n_rows != len(questions) else ""
     raise TaskDataError(f"{where}: {len(preds)} predictions for {len(questions)} questions{rows}; the file needs "
                         "one row per question, in data order, with a `completion` field")
+
+
+def _line(r: Mapping[str, Any], i: int) -> str:
+    return str(r.get("_line", i + 1))
+
+
+def _align_by_id(questions: Sequence[Question], preds: Sequence[Mapping[str, Any]],
+                 where: str) -> list[Mapping[str, Any]]:
+    known = {str(q.id) for q in questions}
+    by_id: dict[str, Mapping[str, Any]] = {}
+    first_line: dict[str, str] = {}
+    for i, r in enumerate(preds):
+        if "id" not in r or r["id"] is None:
+            raise TaskDataError(f"{where}:{_line(r, i)}: field 'id': missing, but other rows have one; give every "
+                                "row its question's id, or drop the ids to pair rows with questions by order")
+        pid = str(r["id"])
+        if pid in by_id:
+            raise TaskDataError(f"{where}:{_line(r, i)}: id {pid!r} repeats line {first_line[pid]}; one prediction "
+                                "per question")
+        if pid not in known:
+            sample = ", ".join(repr(str(q.id)) for q in questions[:3])
+            raise TaskDataError(f"{where}:{_line(r, i)}: id {pid!r} is not a question of the data (its ids look "
+                                f"like {sample}{', ...' if len(questions) > 3 else ''}); are these predictions of "
+                                "another split or dataset? Score them against the data they were made from")
+        by_id[pid] = r
+        first_line[pid] = _line(r, i)
+    missing = [str(q.id) for q in questions if str(q.id) not in by_id]
+    if missing:
+        raise TaskDataError(f"{where}: no prediction for {len(missing)} of the {len(questions)} questions (first: id "
+                            f"{missing[0]!r}); were the predictions made with a row limit? Score against the same "
+                            "rows (or predict every question)")
+    return [by_id[str(q.id)] for q in questions]
 
 
 def score_predictions(task: Task, questions: Sequence[Question], preds: Sequence[Mapping[str, Any]],

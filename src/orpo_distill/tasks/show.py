@@ -6,11 +6,10 @@ so they read data exactly as a run does.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from ..files import atomic_write_text
+from ..files import atomic_write_jsonl
 from . import load_questions, load_task
 from .loading import LoadReport, TaskDataError
 from .prompts import render_prompt, uses_chat_template
@@ -31,7 +30,7 @@ def score_file(cfg: Any, predictions: str | os.PathLike[str], out: str | os.Path
     if cfg.skip_invalid:
         summary["skipped"] = len(report.skipped)
     if out is not None:
-        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_jsonl(out, rows)
     return summary
 
 
