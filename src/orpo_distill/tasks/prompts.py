@@ -57,7 +57,7 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     plain = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     full = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     n = len(plain)
-    start = next((k for k in range(len(full) - n + 1) if full[k:k + n] == plain), None)
+    start = next((k for k in range(len(full) - n + 1) if full[k:k + n] == plain), None) if n else None
     if start is None:  # the special tokens are not simply around the text: keep the tokenizer's ids, tidy the ends
         ids, prefix = full, []
     else:
