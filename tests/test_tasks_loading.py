@@ -114,6 +114,7 @@ def test_every_file_format_gives_the_same_questions(tmp_path, monkeypatch):
 def test_hub_names_call_load_dataset_with_config(monkeypatch):
     import datasets
 
+    monkeypatch.delenv("ORPO_DISTILL_DATA_DIR", raising=False)
     calls = []
 
     def fake_load_dataset(name, config=None, split=None):
@@ -177,6 +178,36 @@ def test_limits_first_n_and_seeded_sample(tmp_path):
     assert [q.id for q in s1] != [q.id for q in load_questions_from(path, task, limit=10, sample_seed=2)]
     rows_idx = [q.meta["row"] for q in s1]
     assert rows_idx == sorted(rows_idx) and rows_idx != list(range(10))
+
+
+def test_data_dir_variable_gives_builtin_tasks_a_local_copy_of_their_hub_default(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    (tmp_path / "gsm8k").mkdir()
+    write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "1 + 1?", "answer": "so #### 2"},
+                                                    {"question": "2 + 2?", "answer": "#### 4"}])
+    monkeypatch.setenv("ORPO_DISTILL_DATA_DIR", str(tmp_path))
+    qs = load_questions(TaskConfig(name="gsm8k"), "test")  # no path: the hub default, read from the local copy
+    assert [q.gold for q in qs] == ["2", "4"] and qs[0].source == f"{tmp_path / 'gsm8k' / 'test.jsonl'}:1"
+    assert calls == []
+    # an explicit path wins; a split without a local file goes to the hub, and its error says why
+    other = write_jsonl(tmp_path / "mine.jsonl", [{"question": "3 + 3?", "answer": "#### 6"}])
+    assert load_questions(TaskConfig(name="gsm8k", test=DataSplit(path=str(other))), "test")[0].gold == "6"
+    with pytest.raises(TaskDataError, match=r"ORPO_DISTILL_DATA_DIR is set, but .*gsm8k/train\.jsonl does not "
+                                            "exist"):
+        load_questions(TaskConfig(name="gsm8k"), "train")
+    assert calls == [("openai/gsm8k", "main", "train")]
+    # without the variable: the hub
+    monkeypatch.delenv("ORPO_DISTILL_DATA_DIR")
+    with pytest.raises(TaskDataError, match=r"could not load the dataset \(ConnectionError"):
+        load_questions(TaskConfig(name="gsm8k"), "test")
 
 
 def test_task_config_entry_points(tmp_path, shared_data):

@@ -7,6 +7,11 @@ can read, or a hub dataset name (`owner/name` or `owner/name:config`). Each row 
 that is not among the options) raises `TaskDataError` "FILE:LINE: field 'x': why", or with `skip_invalid` is
 skipped and counted in a `LoadReport`. Row limits keep the first N valid rows, or a seeded sample of N in data
 order. Question ids are the dataset's own (duplicates get a "~2" suffix), else a content hash.
+
+Local copies of the built-in datasets: when the environment variable `ORPO_DISTILL_DATA_DIR` is set, a built-in
+task whose split reads its hub default (no `path`, or the hub name itself) reads `$ORPO_DISTILL_DATA_DIR/<task>/
+<split>.jsonl` instead when that file exists (e.g. `gsm8k/test.jsonl`, in the hub dataset's own schema), so the
+same config runs offline; without the file it goes to the hub as usual.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -29,6 +35,8 @@ from .kinds import RowError
 log = logging.getLogger(__name__)
 
 FILE_FORMATS = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+
+DATA_DIR_ENV = "ORPO_DISTILL_DATA_DIR"
 
 
 class TaskDataError(UserError):
@@ -263,6 +271,28 @@ def iter_rows(path: str, split: str | None = None, hub_config: str | None = None
 
 # ---------------------------------------------------------------------------------------------- questions
 
+def local_copy(path: str, task: Any, split: str | None) -> tuple[Path | None, str]:
+    """(the local file that replaces a built-in task's hub default, a hint for errors when there is none).
+
+    Only when `ORPO_DISTILL_DATA_DIR` is set, `task` has a hub default and `path` is that hub name: the file is
+    `$ORPO_DISTILL_DATA_DIR/<task name>/<split>.jsonl`, used when it exists."""
+    root = os.environ.get(DATA_DIR_ENV)
+    hub = getattr(task, "hub", None)
+    if not root or hub is None or path != hub.name or not split:
+        return None, ""
+    candidate = Path(root).expanduser() / str(getattr(task, "name", "")) / f"{split}.jsonl"
+    if candidate.is_file():
+        return candidate, ""
+    return None, f" ({DATA_DIR_ENV} is set, but {candidate} does not exist; the hub was tried instead)"
+
+
+def _with_hint(rows: Iterator[tuple[str, Row]], hint: str) -> Iterator[tuple[str, Row]]:
+    try:
+        yield from rows
+    except TaskDataError as e:
+        raise TaskDataError(f"{e}{hint}") from None
+
+
 def load_questions_from(path: str, task: Any, fields: Mapping[str, str] | None = None, limit: int | None = None,
                         sample_seed: int | None = None, skip_invalid: bool = False, split: str | None = None,
                         report: LoadReport | None = None, hub_config: str | None = None) -> list[Question]:
@@ -279,11 +309,17 @@ def load_questions_from(path: str, task: Any, fields: Mapping[str, str] | None =
         fmap = task.fields(fields)
     except ValueError as e:
         raise TaskDataError(str(e)) from None
+    local, hint = local_copy(str(path), task, split)
+    if local is not None:
+        path, hub_config = str(local), None
     report = report if report is not None else LoadReport()
     report.source = str(path)
     out: list[Question] = []
     seen: dict[str, int] = {}
-    for index, (where, row) in enumerate(iter_rows(path, split, hub_config)):
+    rows = iter_rows(path, split, hub_config)
+    if hint:
+        rows = _with_hint(rows, hint)
+    for index, (where, row) in enumerate(rows):
         report.rows += 1
         try:
             if isinstance(row, _Bad):
