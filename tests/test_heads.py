@@ -142,3 +142,21 @@ def test_verification_runs_in_eval_mode_and_restores_modes():
     verify_chunked_head(model, _batch()["input_ids"])
     assert chunked_head_ok(model) is True  # dropout did not make the two forwards differ
     assert model.training and not model.model.layers[0].training
+
+
+def test_adapter_on_the_lm_head_is_part_of_the_chunked_path():
+    """The head is called as a module, so a LoRA adapter on it counts (its bare weight matrix would miss it)."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**COMMON))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
+                                                      init_lora_weights=False)).eval()
+    batch = _batch()
+    assert check_chunked_head(model, batch["input_ids"], batch["attention_mask"]) < 1e-5
+    got = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])["completion"]
+    want = sequence_logps_naive(model, batch["input_ids"], batch["attention_mask"],
+                                batch["completion_mask"])["completion"]
+    assert chunked_head_ok(model) is True
+    assert torch.allclose(got.sum, want.sum, rtol=1e-5, atol=1e-4)
