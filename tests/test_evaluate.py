@@ -244,3 +244,10 @@ def test_eval_cli_end_to_end_on_a_tiny_model(tmp_path, tiny_llama_dir, capsys):
     assert main(["eval", "--model", str(tiny_llama_dir), "--task", "numeric", "--data", str(tmp_path / "no.jsonl"),
                  "--no-progress"]) == 2
     assert "no.jsonl" in capsys.readouterr().err
+
+
+def test_zero_new_tokens_is_an_error_not_a_zero_accuracy():
+    from orpo_distill.errors import UserError
+
+    with pytest.raises(UserError, match="max_new_tokens must be >= 1, got 0"):
+        evaluate(FakeGenerator({}), NumTask(), _questions(2), max_new_tokens=0, progress=False)

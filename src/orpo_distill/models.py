@@ -111,7 +111,10 @@ def check_model(cfg: ModelConfig, path: str | None = None, *, key: str = "model"
     if tokenizer and not any((p / f).is_file() for f in _TOKENIZER_FILES):
         raise UserError(f"{key}: {p} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer "
                         "into the folder too (`tokenizer.save_pretrained(dir)`)")
-    _has_safetensors(str(p))
+    try:
+        _has_safetensors(str(p))
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
 
 
 def _load_error(what: str, src: str, e: BaseException) -> UserError:

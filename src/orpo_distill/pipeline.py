@@ -129,7 +129,7 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False, checked: 
                 diverged.append((v, s, str(e)))
                 import sys
 
-                print(f"orpo-distill: {v} seed {s} diverged: {e}", file=sys.stderr, flush=True)
+                print(f"orpo-distill: {e} (the other variants go on)", file=sys.stderr, flush=True)
     timings["train_and_eval_s"] = time.perf_counter() - t
     if validate:
         trained = [validate_result(cfg, r, progress=progress) for r in trained]
@@ -249,7 +249,7 @@ def _store_hint(message: str) -> str:
 def store_error(path: str | os.PathLike[str], e: BaseException) -> UserError:
     """A trace-store failure (sqlite3 error, or the store's own 'not a trace store') as a message naming the
     store's path, SQLite's words ("database or disk is full", ...) and what to do."""
-    msg = str(e)
+    msg = str(e).removeprefix(f"{path}: ")  # the store's own errors already start with its path
     return UserError(f"trace store {path}: {msg}; {_store_hint(msg)}")
 
 
