@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import VARIANTS
+from .errors import UserError
 from .files import atomic_path, atomic_write_json, atomic_write_text
 
 # The paper's names, in the paper's row order (ORPO with teacher negatives is its ablation row).
@@ -196,26 +197,26 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Seque
 def validate_results(results: Mapping[str, Any], source: str = "<results>") -> None:
     """Raise ValueError naming `source`, the variant and the field when `results` does not fit the schema."""
     if not isinstance(results, Mapping):
-        raise ValueError(f"{source}: results must be a JSON object, got {type(results).__name__}")
+        raise UserError(f"{source}: results must be a JSON object, got {type(results).__name__}")
     variants = results.get("variants")
     if not isinstance(variants, Mapping) or not variants:
-        raise ValueError(f"{source}: field 'variants' must be a non-empty object of variant name -> result")
+        raise UserError(f"{source}: field 'variants' must be a non-empty object of variant name -> result")
     for name, e in variants.items():
         if not isinstance(e, Mapping):
-            raise ValueError(f"{source}: variants.{name} must be an object")
+            raise UserError(f"{source}: variants.{name} must be an object")
         acc = e.get("accuracy")
         if is_diverged(e) and (acc is None or _finite(acc) is None):
             pass  # a diverged variant has no accuracy
         elif not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0.0 <= float(acc) <= 1.0:
-            raise ValueError(f"{source}: variants.{name}.accuracy must be a number in 0..1 "
+            raise UserError(f"{source}: variants.{name}.accuracy must be a number in 0..1 "
                              f"(a fraction, not a percentage; null with \"diverged\": true for a variant that "
                              f"diverged), got {acc!r}")
         for key in ("seeds", "per_epoch"):
             if key in e and e[key] is not None and not isinstance(e[key], list):
-                raise ValueError(f"{source}: variants.{name}.{key} must be a list")
+                raise UserError(f"{source}: variants.{name}.{key} must be a list")
         for i, ep in enumerate(e.get("per_epoch") or []):
             if not isinstance(ep, Mapping) or "epoch" not in ep:
-                raise ValueError(f"{source}: variants.{name}.per_epoch[{i}] must be an object with 'epoch'")
+                raise UserError(f"{source}: variants.{name}.per_epoch[{i}] must be an object with 'epoch'")
 
 
 def save_results(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> Path:
@@ -247,7 +248,7 @@ def load_results(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     validate_results(results, str(path))
     return results
 
@@ -764,7 +765,7 @@ def report_runs(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.Pa
     """One table (`out_dir/report.md`, data in `report.json`) and a grouped bar plot across several run dirs,
     each read from `DIR/results.json`; returns the files written."""
     if not run_dirs:
-        raise ValueError("report_runs: no run directories given")
+        raise UserError("report_runs: no run directories given")
     dirs = [Path(d) for d in run_dirs]
     runs = [load_results(d) for d in dirs]
     names = [d.name if d.is_dir() else d.parent.name for d in dirs]
@@ -868,7 +869,7 @@ def best_cell(cells: Sequence[Mapping[str, Any]]) -> int:
         if st is not None and st[0] > best_val:
             best, best_val = i, st[0]
     if best < 0:
-        raise ValueError("no sweep cell has validation accuracy; the best setting must be chosen on a validation "
+        raise UserError("no sweep cell has validation accuracy; the best setting must be chosen on a validation "
                          "split (set task.validation), never on test")
     return best
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import UserError
 from ..secrets import check_env_var_name, check_url, redact_text
 from ..tasks.prompts import PLAIN_TEMPLATE, chat_messages, render_prompt
 from .base import Completion, GenerationFailed, SamplingParams, resolve_sample_indices, sample_seed
@@ -114,16 +115,16 @@ class OpenAIGenerator:
                  cost_per_1k_input: float = 0.0, cost_per_1k_output: float = 0.0, backoff_base_s: float = 1.0,
                  backoff_max_s: float = 60.0, chunk_prompts: int | None = None) -> None:
         if endpoint not in ("chat", "completions"):
-            raise ValueError(f"endpoint must be 'chat' or 'completions', got {endpoint!r}")
+            raise UserError(f"endpoint must be 'chat' or 'completions', got {endpoint!r}")
         if endpoint == "completions" and template == "chat" and tokenizer is None:
-            raise ValueError("endpoint: completions with template: chat needs the model's tokenizer to render the "
+            raise UserError("endpoint: completions with template: chat needs the model's tokenizer to render the "
                              "chat template locally; use endpoint: chat, or template: plain")
         check_url(base_url, "base_url")
         check_env_var_name(api_key_env or None, "api_key_env")
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
-                raise ValueError(f"api_key_env names the environment variable {api_key_env!r}, which is not set "
+                raise UserError(f"api_key_env names the environment variable {api_key_env!r}, which is not set "
                                  "(or empty); export it before running")
         else:
             key = "EMPTY"  # local servers take any key; we never fall back to OPENAI_API_KEY for an arbitrary URL
@@ -162,7 +163,7 @@ class OpenAIGenerator:
         from .stage import model_identity
 
         if not cfg.model:
-            raise ValueError("backend: openai needs `model:` (the served model name)")
+            raise UserError("backend: openai needs `model:` (the served model name)")
         model_id, rev = model_identity(cfg)
         args: dict[str, Any] = dict(
             model=cfg.model, base_url=cfg.base_url, api_key_env=cfg.api_key_env, endpoint=cfg.endpoint,

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import EndpointError
+from ..errors import EndpointError, UserError
 from ..secrets import redact_text
 from ..store import Trace, TraceStore, trace_key
 from .base import Completion, GenerationFailed, Generator, SamplingParams
@@ -351,7 +351,7 @@ def make_generator(cfg, *, checkpoint: str | None = None, revision: str | None =
         return HFGenerator.from_config(cfg, checkpoint=checkpoint, revision=revision, **kwargs)
     if cfg.backend == "openai":
         if checkpoint:
-            raise ValueError("backend: openai samples a served model; it cannot load a checkpoint folder")
+            raise UserError("backend: openai samples a served model; it cannot load a checkpoint folder")
         from .openai_api import OpenAIGenerator
 
         return OpenAIGenerator.from_config(cfg, revision=revision, **kwargs)
@@ -359,7 +359,7 @@ def make_generator(cfg, *, checkpoint: str | None = None, revision: str | None =
         from .vllm_engine import VLLMGenerator
 
         return VLLMGenerator.from_config(cfg, checkpoint=checkpoint, revision=revision, **kwargs)
-    raise ValueError(f"unknown backend {cfg.backend!r}; use hf, openai or vllm")
+    raise UserError(f"unknown backend {cfg.backend!r}; use hf, openai or vllm")
 
 
 def params_from_config(cfg, role: str) -> SamplingParams:
@@ -410,7 +410,7 @@ def resolve_store(target: str, overrides: Sequence[str] = ()) -> Path:
         with p.open("rb") as f:
             if f.read(16) == b"SQLite format 3\x00":
                 if overrides:
-                    raise ValueError(f"{target} is a trace store; overrides apply to a config file only")
+                    raise UserError(f"{target} is a trace store; overrides apply to a config file only")
                 return p
     cfg = load_config(target, list(overrides))
     path = store_path(cfg)
