@@ -360,3 +360,49 @@ def test_finished_variant_is_reused_only_for_its_own_settings(setup, tmp_path):
     other.eval.max_new_tokens = 3
     with pytest.raises(UserError, match="eval.max_new_tokens"):
         _train(other, "zero_shot", task, qs, None, out=zs)
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+@pytest.mark.parametrize("variant,reduction", [("sft_single", "sequence"), ("orpo_teacher_neg", "sequence"),
+                                               ("orpo_teacher_neg", "token")])
+def test_grad_accum_equals_one_batch_with_a_ragged_last_micro_batch(tmp_path, tiny_llama_dir, monkeypatch,
+                                                                   variant, reduction):
+    """7 examples in one optimiser step: micro-batches of 2, 2, 2, 1 (grad_accum 4) must give the gradients and
+    weights of one batch of 7 (grad_accum 1)."""
+    import torch
+
+    import orpo_distill.train as train
+
+    grads: dict[str, list[torch.Tensor]] = {}
+    after: dict[str, list[torch.Tensor]] = {}
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):
+            params = [p for g in self.param_groups for p in g["params"]]
+            grads.setdefault(self.tag, [p.grad.detach().clone() for p in params])
+            out = super().step(closure)
+            after.setdefault(self.tag, [p.detach().clone() for p in params])
+            return out
+
+    task, qs = ArithTask(), make_questions(7)
+    runs = {}
+    for tag, batch, accum in (("one", 8, 1), ("accum", 2, 4)):
+        cfg = tiny_config(tiny_llama_dir, tmp_path / tag, **{
+            "trainer.epochs": 1, "trainer.batch_size": batch, "trainer.grad_accum": accum,
+            "trainer.max_grad_norm": None, "pairs.max_pairs_per_question": 1, "objective.nll_reduction": reduction})
+        store = make_store(cfg, qs, task)
+        Recording.tag = tag
+        monkeypatch.setattr(train.torch.optim, "AdamW", Recording)
+        runs[tag] = _train(cfg, variant, task, qs, store, eval_questions=None)
+        store.close()
+        assert runs[tag]["costs"]["optimizer_steps"] == 1
+    ga, gb = torch.cat([g.flatten() for g in grads["one"]]), torch.cat([g.flatten() for g in grads["accum"]])
+    assert float((ga - gb).norm() / ga.norm()) < 1e-5
+    assert runs["one"]["per_epoch"][0]["train_loss"] == pytest.approx(runs["accum"]["per_epoch"][0]["train_loss"],
+                                                                      rel=1e-5)
+    # the weights after the step: Adam's first update is about lr * sign(gradient), so an element whose gradient
+    # is float noise (|g| ~ 1e-8) may go either way; every other element must match
+    for g, wa, wb in zip(grads["one"], after["one"], after["accum"]):
+        sure = g.abs() > 1e-4 * float(ga.abs().max())
+        assert torch.allclose(wa[sure], wb[sure], rtol=1e-5, atol=1e-7)

@@ -53,7 +53,7 @@ from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, rng
 from .config import VARIANTS, Config, dump_config
 from .errors import TrainingDiverged, UserError
 from .files import atomic_write_text
-from .loss import ORPOLoss, SFTLoss
+from .loss import ORPOLoss, SFTLoss, step_totals
 from .pairs import Encoded, Encoder, Example, Text, build_examples, collate, group_steps, mean_logps, plan_batches
 from .policy import INITIAL, TEACHER, NegativePolicy, QuestionPool, phi_for_epoch, restore_pools
 from .run_traces import initial_student_query, other_revisions, refresh_query, select, teacher_query
@@ -830,19 +830,26 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
             per_mb: list[dict[str, float]] = []
             mb_losses: list[float] = []
             tokens = 0
-            for mb in micro:
-                items = [examples[i] for i in mb]
-                batch = {k: v.to(accelerator.device) for k, v in collate(items, pad_id).items()}
-                loss_fn = orpo_loss if items[0].is_pair else sft_loss  # questions without negatives: NLL only
+            # Every micro-batch of the step first, so each one's loss is its share of the whole step's loss
+            # (loss.step_totals): the summed backward passes equal one pass over the step as a single batch,
+            # whatever the micro-batch sizes (a short last micro-batch weighs what its examples weigh).
+            batches = [collate([examples[i] for i in mb], pad_id) for mb in micro]
+            totals = step_totals(batches, cfg.objective.nll_scope)
+            for mb, cpu_batch in zip(micro, batches):
+                batch = {k: v.to(accelerator.device) for k, v in cpu_batch.items()}
+                loss_fn = orpo_loss if examples[mb[0]].is_pair else sft_loss  # no negatives: NLL only
                 with accelerator.autocast():
-                    loss, m = loss_fn(model, batch)
-                accelerator.backward(loss / len(micro))
+                    loss, m = loss_fn(model, batch, totals)
+                accelerator.backward(loss)
                 mb_losses.append(float(loss.detach()))
                 tokens += int(batch["attention_mask"].sum())
-                per_mb.append({k: float(v) for k, v in m.items()})
-            # each metric averaged over the micro-batches that have it (log-odds: the pair batches only)
-            metrics = {k: sum(d[k] for d in per_mb if k in d) / sum(k in d for d in per_mb)
-                       for k in sorted({k for d in per_mb for k in d})}
+                per_mb.append({**{k: float(v) for k, v in m.items()}, "_weight": float(len(mb))})
+            # the step's loss is the sum of the shares; every other metric is the mean over the micro-batches
+            # that have it (log-odds: the pair batches only), weighted by their examples
+            metrics = {k: sum(d[k] * d["_weight"] for d in per_mb if k in d)
+                       / sum(d["_weight"] for d in per_mb if k in d)
+                       for k in sorted({k for d in per_mb for k in d} - {"_weight"})}
+            metrics["loss"] = sum(mb_losses)
             grad_norm = None
             if tc.max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
