@@ -142,3 +142,10 @@ def test_the_key_is_in_no_file_log_or_message_of_a_failing_run(tmp_path, monkeyp
     texts += [f.read_bytes().decode("utf-8", "replace") for f in files]
     for t in texts:
         assert SECRET not in t
+
+
+@pytest.mark.parametrize("name", ["TinyLlama/TinyLlama-1.1B-Chat-v1.0", "org/model-sk-finetuned-version-two",
+                                  "meta-llama/Llama-3.1-8B-Instruct", "/models/hf-internal-testing/tiny"])
+def test_model_names_are_not_mistaken_for_keys(name):
+    assert redact_text(name) == name
+    assert ModelConfig(model=name).model == name

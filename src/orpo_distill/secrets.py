@@ -32,7 +32,7 @@ SECRET_PARAMS = frozenset({
 # Key-shaped tokens, whatever they are attached to. Prefixes of common providers, then a generic rule below.
 _KEY_TOKEN = re.compile(
     r"(?<![A-Za-z0-9])(?:"
-    r"sk-[A-Za-z0-9_\-]{16,}"  # OpenAI / Anthropic / many OpenAI-compatible providers
+    r"sk-[A-Za-z0-9_\-]{20,}"  # OpenAI / Anthropic / many OpenAI-compatible providers (see _keyish)
     r"|sk_(?:live|test)_[A-Za-z0-9]{16,}"
     r"|hf_[A-Za-z0-9]{20,}"  # Hugging Face
     r"|gh[pousr]_[A-Za-z0-9]{20,}"  # GitHub
@@ -42,6 +42,20 @@ _KEY_TOKEN = re.compile(
     r"|gsk_[A-Za-z0-9]{20,}"  # Groq
     r"|r8_[A-Za-z0-9]{20,}"  # Replicate
     r")")
+
+
+def _keyish(token: str) -> bool:
+    """A `sk-` match is a key only when it is random-looking (digits, upper and lower case), so that a model
+    named `org/model-sk-finetuned-version` is not mistaken for one; the other prefixes are specific enough."""
+    if not token.startswith("sk-"):
+        return True
+    return all(re.search(p, token[3:]) for p in (r"[0-9]", r"[a-z]", r"[A-Z]"))
+
+
+def _mask_keys(text: str) -> str:
+    return _KEY_TOKEN.sub(lambda m: MASK if _keyish(m.group(0)) else m.group(0), text)
+
+
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{6,}")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
 # `api_key=...`, `"token": "..."` outside a URL (an echoed request, a dumped dict).
@@ -54,7 +68,7 @@ def looks_like_key(value: str) -> bool:
     """Whether `value` is shaped like an API key rather than a name: a known provider prefix, or a long mix of
     upper case, lower case and digits (environment variable names are words, not random strings)."""
     v = value.strip()
-    if _KEY_TOKEN.search(v) or _BEARER.search(v):
+    if any(_keyish(m.group(0)) for m in _KEY_TOKEN.finditer(v)) or _BEARER.search(v):
         return True
     # Model names and paths have '-', '.' or '/' between words; random keys are one run of letters and digits.
     if len(v) >= 24 and re.fullmatch(r"[A-Za-z0-9_+=]+", v):
@@ -97,7 +111,7 @@ def redact_url(url: str) -> str:
 
 
 def _redact_tokens(text: str) -> str:
-    text = _KEY_TOKEN.sub(MASK, text)
+    text = _mask_keys(text)
     text = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", text)
     return _ASSIGNED.sub(lambda m: m.group(1) + MASK, text)
 
