@@ -346,3 +346,17 @@ def test_a_failed_savefig_leaves_no_temp_file_and_a_dead_writers_leftover_is_swe
     written = write_report(tmp_path, res)
     assert all(p.is_file() and p.stat().st_size > 0 for p in written)
     assert sorted(p.name for p in plots.iterdir() if p.name.startswith(".")) == [".notes.txt"]
+
+
+def test_report_across_runs_never_shows_a_credential_from_a_config(tmp_path):
+    secret = "Zq81SECRETvalue4412abcXYZ"
+    a, b = _results(), _results(bump=0.01)
+    a["config"]["teacher"] = {"model": "t", "base_url": f"https://h/v1?api_key={secret}"}
+    b["config"]["teacher"] = {"model": "t", "base_url": "https://other/v1"}
+    save_results(tmp_path / "a", a)
+    save_results(tmp_path / "b", b)
+    written = report_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
+    md = written[0].read_text(encoding="utf-8")
+    assert "teacher.base_url=https://h/v1?api_key=***" in md
+    for p in written:
+        assert secret.encode() not in p.read_bytes()

@@ -21,6 +21,7 @@ from typing import Any
 from .config import VARIANTS
 from .errors import UserError
 from .files import atomic_path, atomic_write_json, atomic_write_text
+from .secrets import redact_text
 
 # The paper's names, in the paper's row order (ORPO with teacher negatives is its ablation row).
 VARIANT_NAMES: dict[str, str] = {
@@ -183,7 +184,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str] | None = None) -> str:
-    esc = [[str(c).replace("|", "\\|").replace("\n", " ") for c in r] for r in [header, *rows]]
+    # redact_text: a cell may show a config value (a run's label), and a URL in it must not carry a credential
+    esc = [[redact_text(str(c)).replace("|", "\\|").replace("\n", " ") for c in r] for r in [header, *rows]]
     align = align or ["---"] + ["---:"] * (len(header) - 1)
     lines = ["| " + " | ".join(esc[0]) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
@@ -682,7 +684,8 @@ def describe_differences(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], 
             if all(len(s) == 1 for s in per_task.values()):
                 continue  # explained by the task columns
         differing.append(k)
-    labels = [", ".join(f"{_short_key(k)}={_fmt_value(f.get(k, '<unset>'))}" for k in differing) for f in flats]
+    labels = [redact_text(", ".join(f"{_short_key(k)}={_fmt_value(f.get(k, '<unset>'))}" for k in differing))
+              for f in flats]
     return labels, differing
 
 

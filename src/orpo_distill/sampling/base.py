@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from ..errors import EndpointError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -65,8 +67,9 @@ def sample_seed(seed: int, prompt: str, sample_index: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-class GenerationFailed(RuntimeError):
-    """A backend gave up (for example the endpoint stayed down after every retry).
+class GenerationFailed(EndpointError, RuntimeError):
+    """A backend gave up (for example the endpoint stayed down after every retry): exit code 3 when it reaches the
+    command line (the sampling stage turns it into `SamplingAborted` after writing what was obtained).
 
     `partial[i]` holds the completions obtained for prompt i before giving up (None for prompts that failed), so
     the caller can keep the work already paid for. The message never contains credentials.
