@@ -1,7 +1,7 @@
 """The negative pool: where each epoch's rejected traces come from (off-, on- and mixed-policy ORPO-Distill).
 
 The one job of this module is to decide, before each training epoch, which rejected texts every question gets,
-and to record why. Rules (METHOD.md; the choices marked "ours" there):
+and to record why. Rules (docs/METHOD.md; the choices marked "ours" there):
 - Epoch 1 trains on the initial student's wrong traces (source "initial", sampled once and cached in the store).
 - Before epoch e > 1 the current student is the student after epoch e-1. For every question independently a
   seeded draw (a function of seed, epoch and question id only, so it does not depend on question order) picks

@@ -12,12 +12,17 @@ same loop (`VARIANTS`):
 | orpo_teacher_neg | ORPO | all kept correct teacher traces | the teacher's own wrong traces |
 | orpo_off / orpo_on / orpo_mixed | ORPO | all kept correct teacher traces | the student's wrong traces, phi = 0 / 1 / config |
 
-One epoch: (1) the negative policy builds this epoch's pool (policy.py; it samples the live student between
-epochs through the in-process HF generator, or saves the weights and samples them with vLLM), (2) pairs.py pairs
-and tokenises with the student's tokenizer, groups by length and cuts the epoch into optimiser steps, (3) each
-step runs `grad_accum` micro-batches through `loss.ORPOLoss` (or `SFTLoss` for the SFT variants and for questions
-that have no negatives this epoch), clips the gradient, sets the learning rate (linear warm-up, then cosine or
-linear decay) and steps AdamW, (4) the epoch ends with an evaluation and a checkpoint.
+Traces are read through run_traces.py: only those of this run's teacher, initial student or this variant/seed's
+refreshed student, by full identity (model id and revision, sampling settings, first k sample indices), so a
+shared store never mixes in another run's traces. One epoch: (1) the negative policy builds this epoch's pool
+(policy.py; it samples the live student between epochs through the in-process HF generator, or saves the weights
+and samples them with vLLM), (2) pairs.py pairs and tokenises with the student's tokenizer, groups by length and
+cuts the epoch into optimiser steps, (3) each step runs its `grad_accum` micro-batches through `loss.ORPOLoss` (or
+`SFTLoss` for the SFT variants and for questions that have no negatives this epoch), each backward being that
+micro-batch's share of the whole step's loss (`loss.step_totals`, so accumulation equals one big batch), stops
+with `errors.TrainingDiverged` on a non-finite loss or gradient norm before anything is applied or written, clips
+the gradient, sets the learning rate (linear warm-up, then cosine or linear decay) and steps AdamW, (4) the epoch
+ends with an evaluation and a checkpoint.
 
 Mechanics: `accelerate` places the model and runs bf16/fp16 autocast on GPU (fp32 master weights); one process
 (multi-GPU data parallelism is not supported here). Checkpoints (checkpoint.py) every `trainer.save_every_steps`
@@ -27,8 +32,11 @@ run. Sampling and evaluation run inside `rng_fork`, so they never move the train
 pairs can change between epochs (fresh negatives), so the schedule's total length is re-estimated at each epoch
 start from the steps done plus this epoch's steps times the epochs left. Logs: `metrics.jsonl` (one row per
 logged step and per epoch), TensorBoard, W&B when installed and asked for, and a tqdm bar with loss, log-odds and
-tokens/s. The variant folder ends with `model/` (Hugging Face format, safetensors, tokenizer, model card) and
-`result.json`, written last: its presence marks the variant done, and `train_variant` then returns it at once.
+tokens/s; every JSON written is strict (a non-finite metric is null). The variant folder ends with `model/`
+(Hugging Face format, safetensors, tokenizer, model card) and `result.json`, written last: its presence marks the
+variant done, and `train_variant` then returns it at once if it was trained and evaluated with the same settings
+(`config_hash` over the keys classified in `HASH_CLASSES` plus the models' revisions, and `eval_fingerprint`), and
+refuses otherwise. A checkpoint is resumed only under the same settings.
 """
 
 from __future__ import annotations
