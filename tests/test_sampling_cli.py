@@ -98,3 +98,24 @@ def test_bad_settings_are_one_line(tmp_path, tiny_gpt2_dir, capsys, monkeypatch,
     assert main(["traces", "stats", str(tmp_path / "nothing.yaml")]) == 2
     assert main(["traces", "stats", cfg]) == 2  # no store yet
     assert "no trace store at" in capsys.readouterr().err
+
+
+def test_traces_exit_3_with_the_servers_reason_when_prompts_fail(tmp_path, tiny_gpt2_dir, capsys):
+    """Every prompt rejected (HTTP 400): exit 3 quoting the status and the server's message (was: exit 0).
+    Some rejected: the others' traces are kept and reported, and the exit code is still 3."""
+    with FakeOpenAIServer(reject_substring="fake-teacher") as srv:  # in every request body: all fail
+        cfg = write_config(tmp_path, srv.base_url, tiny_gpt2_dir, max_retries=0)
+        assert main(["traces", "teacher", cfg, "--no-progress"]) == 3
+    captured = capsys.readouterr()
+    assert "every one of the 5 prompts to sample failed" in captured.err
+    assert "5 x HTTP 400: this prompt is too long for the context window" in captured.err
+    assert "5 prompts failed" in captured.out  # the report of what happened
+    with FakeOpenAIServer(reject_substring="Finn has") as srv:  # 3 of the 5 questions
+        cfg = write_config(tmp_path, srv.base_url, tiny_gpt2_dir, max_retries=0)
+        assert main(["traces", "teacher", cfg, "--no-progress"]) == 3
+        err = capsys.readouterr().err
+        assert "3 of 5 prompts failed (3 x HTTP 400" in err and "6 new traces of the others are kept" in err
+    with TraceStore(tmp_path / "run" / "traces.sqlite") as s:
+        assert len(s) == 6
+        runs = s.stats()["runs"]["teacher/teacher"]
+        assert runs["calls"] == 2 and runs["aborted_calls"] == 2 and runs["sampled"] == 6
