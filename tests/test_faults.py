@@ -186,8 +186,7 @@ def _(env: Env) -> list[str]:
     return ["run", env.write()]
 
 
-@case("config: API key given as api_key_env", 2, ("api_key_env",), absent=("sk-live-123456",),
-      xfail="secret check of api_key_env values is engineer D's (config/secrets validator)")
+@case("config: API key given as api_key_env", 2, ("api_key_env",), absent=("sk-live-123456",))
 def _(env: Env) -> list[str]:
     env.cfg["teacher"].update(backend="openai", model="m", base_url="http://127.0.0.1:9/v1",
                               api_key_env="sk-live-123456")
@@ -415,8 +414,7 @@ def _(env: Env) -> list[str]:
     return ["run", env.write(), "--no-progress"]
 
 
-@case("endpoint: HTTP 400 on every prompt (traces teacher)", 3, ("fake-teacher",),
-      xfail="exit codes of `traces` when every prompt fails are engineer D's (sampling stage)")
+@case("endpoint: HTTP 400 on every prompt (traces teacher)", 3, ("fake-teacher", "4 prompts"))
 def _(env: Env) -> list[str]:
     _openai_teacher(env, env.server)
     return ["traces", "teacher", env.write(), "--no-progress"]

@@ -128,6 +128,9 @@ class SamplingConfig(_Section):
     seed: int = Field(0, description="sampling seed; each sample has its own stream from (seed, prompt, index)")
     rouge_threshold: float = Field(0.8, ge=0, le=1, description="drop teacher traces with ROUGE-L F1 above this "
                                                                 "against a kept trace of the same question (paper)")
+    allow_failed_prompts: bool = Field(False, description="go on when some prompts fail for good (e.g. HTTP 400 "
+                                                          "on a too-long prompt): train without those questions; "
+                                                          "off: stop with exit 3 (a re-run retries only them)")
 
 
 class PairsConfig(_Section):

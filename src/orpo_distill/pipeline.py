@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, apply_overrides, config_from_dict, dump_config, parse_override
-from .errors import EndpointError, TrainingDiverged, UserError
+from .errors import TrainingDiverged, UserError
 from .files import atomic_write_text
 
 ORPO_STUDENT_NEGATIVES = ("orpo_off", "orpo_on", "orpo_mixed")
@@ -107,12 +107,12 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False, checked: 
     if any(v != "zero_shot" for v in variants):
         _log(progress, "stage 1/4: teacher traces")
         t = time.perf_counter()
-        _check_sampled(cfg, "teacher", run_traces(cfg, "teacher", progress=progress))
+        run_traces(cfg, "teacher", progress=progress)  # prompts that all fail stop here (exit 3)
         timings["teacher_traces_s"] = time.perf_counter() - t
     if any(v in ORPO_STUDENT_NEGATIVES for v in variants):
         _log(progress, "stage 2/4: initial student traces")
         t = time.perf_counter()
-        _check_sampled(cfg, "student", run_traces(cfg, "student", progress=progress))
+        run_traces(cfg, "student", progress=progress)
         timings["student_traces_s"] = time.perf_counter() - t
 
     # 3. every variant x seed (each skipped when its result.json exists, resumed from its checkpoint otherwise);
@@ -153,18 +153,6 @@ def diverged_message(diverged: Sequence[tuple[str, int, str]]) -> str:
     return (f"training diverged (a NaN/inf loss or gradient) for {names}; the other variants finished and are in "
             "results.json. Lower trainer.lr or set trainer.max_grad_norm, then run the same command (finished "
             "variants are skipped)")
-
-
-def _check_sampled(cfg: Config, which: str, rep: Any) -> None:
-    """An endpoint that answered none of the prompts (every request rejected, e.g. HTTP 400) gives nothing to
-    train on: stop here with its reason rather than after sampling the student."""
-    failed = getattr(rep, "failed_prompts", 0)
-    if failed and rep.sampled == 0 and rep.existing == 0:
-        mcfg = cfg.teacher if which == "teacher" else cfg.student
-        where = f" at {mcfg.base_url}" if mcfg.base_url else ""
-        raise EndpointError(f"{which} {mcfg.model!r}{where} answered none of the {failed} prompts ({rep.errors} "
-                            "request errors; the warnings above give the reasons); nothing was sampled. Check "
-                            f"{which}.model (the served name) and the sampling settings against the server")
 
 
 def build_results(cfg: Config, trained: Sequence[dict[str, Any]],
@@ -500,7 +488,12 @@ def run_demo(out: str | os.PathLike[str], *, quick: bool = False, overrides: Seq
 
     cfg = demo_config(out, quick=quick, overrides=overrides)
     t0 = time.perf_counter()
-    results = run(cfg, progress=progress)
+    try:
+        results = run(cfg, progress=progress)
+    except TrainingDiverged as e:  # the finished variants are still worth showing
+        if getattr(e, "results", None):
+            print(render_results_md(e.results, []), end="")  # type: ignore[attr-defined]
+        raise
     print(render_results_md(results, []), end="")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs in {cfg.run.out_dir} "
           "(results.json, results.md, plots/)")
