@@ -133,3 +133,14 @@ def test_loading_failures_name_the_path(tmp_path, tiny_llama_dir):
     (broken / "config.json").write_text("{oops")
     with pytest.raises(UserError, match=str(broken)):
         load_model(ModelConfig(model=str(broken)))
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("trainer:\n  lr: 0.001\n")
+    assert main(["config", "show", str(p), "policy.phi=0.25"]) == 0
+    assert "phi: 0.25" in capsys.readouterr().out
+    assert main(["run", str(tmp_path / "none.yaml"), "--no-progress", "trainer.lr=1e-5"]) == 2
+    assert "config file not found" in capsys.readouterr().err  # the override was taken, not refused
+    assert main(["run", str(p), "--no-progress", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

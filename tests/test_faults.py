@@ -507,14 +507,14 @@ def _untouched(env: Env) -> None:
     assert (out / "config.yaml").read_text() == "old: true\n"
 
 
-@case("run: out dir holds a finished run with other settings", 2, ("sft_single seed 0", "config_hash",
-                                                                    "another --out"), check=_untouched)
+@case("run: out dir holds a finished run with other settings", 2, ("sft_single", "0123456789", "--out"),
+      check=_untouched)
 def _(env: Env) -> list[str]:
     _finished_variant(env)
     return ["run", env.write(), "--no-progress"]
 
 
-@case("demo --quick into a full demo's folder", 2, ("config_hash", "another --out"), check=_untouched)
+@case("demo --quick into a full demo's folder", 2, ("sft_single", "0123456789", "--out"), check=_untouched)
 def _(env: Env) -> list[str]:
     _finished_variant(env)
     return ["demo", "--quick", "--out", env.cfg["run"]["out_dir"], "--no-progress"]

@@ -168,3 +168,31 @@ def test_sweep_end_to_end_shares_traces_and_chooses_on_validation(tiny_run, monk
         # a re-run samples nothing new
         assert main(["run", str(path), "--no-progress", "--sweep", "policy.phi=0,1", "objective.lam=0.5"]) == 0
         assert server.stats.requests == requests
+
+
+def test_other_settings_in_a_finished_folder_are_refused_and_nothing_is_rewritten(tmp_path, capsys):
+    """Issue 18: a folder holding a finished run, run again with other settings (as `demo --quick` into the full
+    demo's folder did), must not print the old run's table as the new one, nor rewrite config.yaml/results.json."""
+    from orpo_distill.demo import assets_dir
+
+    cfg = {"run": {"out_dir": str(tmp_path / "run"), "variants": ["zero_shot", "sft_single"]},
+           "task": {"name": "synthetic", "synthetic": {"n_train": 4, "n_validation": 2, "n_test": 2}},
+           "teacher": {"model": str(assets_dir() / "teacher"), "template": "plain", "device": "cpu"},
+           "student": {"model": str(assets_dir() / "student"), "template": "plain", "device": "cpu"},
+           "sampling": {"k": 2, "max_new_tokens": 8}, "eval": {"max_new_tokens": 8},
+           "policy": {"gold_rationale_fallback": True},
+           "trainer": {"epochs": 1, "batch_size": 4, "report_to": ["jsonl"]}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--no-progress"]) == 0
+    out = tmp_path / "run"
+    before = {f: (out / f).read_bytes() for f in ("config.yaml", "results.json", "results.md")}
+    capsys.readouterr()
+    assert main(["run", str(path), "--no-progress", "trainer.lr=1e-3"]) == 2
+    captured = capsys.readouterr()
+    assert "sft_single" in captured.err and "--out" in captured.err and "Traceback" not in captured.err
+    assert "| setting" not in captured.out  # no table of the old run shown as this one's
+    assert {f: (out / f).read_bytes() for f in before} == before
+    # the same settings still resume (nothing to do), and another --out trains the new settings
+    assert main(["run", str(path), "--no-progress"]) == 0
+    assert main(["run", str(path), "--no-progress", "trainer.lr=1e-3", "--out", str(tmp_path / "run2")]) == 0

@@ -490,7 +490,14 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # `run CONFIG --no-progress trainer.lr=1e-5`: argparse cannot resume a positional list after an option,
+        # so KEY=VALUE words after options are the overrides they look like
+        if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("orpo-distill: interrupted; everything written so far is kept, run the same command to resume",

@@ -282,25 +282,45 @@ def _check_out_dir(out: Path, problems: list[str]) -> None:
 
 
 def finished_with_other_settings(cfg: Config, variants: Sequence[str], seeds: Sequence[int]) -> list[str]:
-    """The finished variant/seed folders of this run's out_dir whose `result.json` was produced with settings
-    that give other numbers than `cfg` (the trainer's `config_hash` / `eval_fingerprint` differ)."""
+    """One message per finished variant/seed folder of this run's out_dir whose `result.json` was produced with
+    settings that give other numbers than `cfg`. The trainer decides what "other settings" means (its
+    `check_finished`, or the `config_hash`/`eval_fingerprint` it records); this only asks it for every folder
+    before anything is written, so that a refused run leaves config.yaml and results.json as they were."""
     from . import train
 
+    check = getattr(train, "check_finished", None) or getattr(train, "_check_finished", None)
+    fingerprints = getattr(train, "run_fingerprints", None)
+    fps = fingerprints(cfg) if check is not None and fingerprints is not None else None
     found = []
     for v in variants:
         for s in seeds:
-            f = train.variant_dir(cfg, v, s) / "result.json"
+            vdir = train.variant_dir(cfg, v, s)
+            f = vdir / "result.json"
             if not f.is_file():
                 continue
             try:
                 old = json.loads(f.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                found.append(f"{v} seed {s} ({f} is unreadable)")
+                found.append(f"{f} is unreadable; remove {vdir} to train {v} seed {s} again, or choose another "
+                             "--out")
                 continue
+            if not isinstance(old, dict):
+                continue
+            if fps is not None:
+                try:
+                    check(old, fps, v, vdir)
+                    continue
+                except UserError as e:
+                    found.append(str(e))
+                    continue
+                except (TypeError, KeyError):  # another trainer API: fall back to the recorded hashes
+                    pass
             for key in ("config_hash", "eval_fingerprint"):
                 now = getattr(train, key, None)
-                if isinstance(old, dict) and key in old and now is not None and old[key] != now(cfg):
-                    found.append(f"{v} seed {s} ({key} {old[key]}, these settings give {now(cfg)})")
+                if key in old and now is not None and old[key] != now(cfg):
+                    found.append(f"{vdir} holds a finished {v} seed {s} made with other settings ({key} "
+                                 f"{old[key]}, these settings give {now(cfg)}); choose another --out "
+                                 "(run.out_dir), or remove that folder to train it again")
                     break
     return found
 
@@ -374,10 +394,9 @@ def preflight(cfg: Config, *, stages: Sequence[str] = ("teacher", "student", "tr
     if "train" in stages:
         _check_out_dir(Path(cfg.run.out_dir), problems)
         other = finished_with_other_settings(cfg, variants, seeds)
-        if other:
-            problems.append(f"{cfg.run.out_dir} holds finished results made with other settings: "
-                            f"{'; '.join(other)}. Re-using them would mix two runs; choose another --out "
-                            "(run.out_dir), or delete the folder to start over")
+        if other:  # the first in full (they read alike), and how many more
+            problems.append(other[0] + (f" ({len(other) - 1} more finished variant folder(s) in "
+                                        f"{cfg.run.out_dir} are in the same case)" if len(other) > 1 else ""))
     if problems:
         raise UserError(problems[0] if len(problems) == 1 else
                         "cannot start:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems))
