@@ -28,6 +28,7 @@ def test_help_is_for_users_every_command_and_flag():
     assert "No logic" not in (ap.description or "") and "distil" in ap.description.lower()
     commands = 0
     for name, p in _subparsers(ap):
+        assert p.format_help()  # renders (a stray % in a help text would raise here)
         for a in p._actions:
             if isinstance(a, argparse._HelpAction):
                 continue

@@ -201,6 +201,20 @@ def _(env: Env) -> list[str]:
     return ["run", env.write()]
 
 
+@case("config: teacher.model not set", 2, ("teacher.model", "not set"))
+def _(env: Env) -> list[str]:
+    env.cfg["teacher"]["model"] = ""
+    return ["run", env.write()]
+
+
+@case("config: run.out_dir is a file", 2, ("run.out_dir", "is a file"))
+def _(env: Env) -> list[str]:
+    (env.tmp / "afile").write_text("x")
+    env.cfg["run"]["out_dir"] = str(env.tmp / "afile")
+    env.cfg["run"]["store"] = str(env.tmp / "traces.sqlite")
+    return ["run", env.write()]
+
+
 # ---- data ----------------------------------------------------------------------------------------------------
 
 def _arith_files(env: Env, train: list[Any] | None = None, test: list[Any] | None = None) -> None:
@@ -299,6 +313,12 @@ def _(env: Env) -> list[str]:
 @case("model: bad device name", 2, ("teacher.device", "'gpu0'"))
 def _(env: Env) -> list[str]:
     env.cfg["teacher"]["device"] = "gpu0"
+    return ["run", env.write()]
+
+
+@case("model: GGUF file missing", 2, ("teacher.model", "q4.gguf", "not found"))
+def _(env: Env) -> list[str]:
+    env.cfg["teacher"]["gguf_file"] = "q4.gguf"
     return ["run", env.write()]
 
 
@@ -449,6 +469,16 @@ def _(env: Env) -> list[str]:
 @case("cli: eval --batch-size abc", 2, ("--batch-size", "'abc'"))
 def _(env: Env) -> list[str]:
     return _eval("--batch-size", "abc")
+
+
+@case("cli: eval --temperature 0", 2, ("--temperature", "0"))
+def _(env: Env) -> list[str]:
+    return _eval("--majority-k", "3", "--temperature", "0")
+
+
+@case("cli: show-prompt --index -1", 2, ("--index", "-1"))
+def _(env: Env) -> list[str]:
+    return ["show-prompt", "--task", "synthetic", "--index", "-1"]
 
 
 @case("cli: run --seeds 0", 2, ("--seeds", "0"))
