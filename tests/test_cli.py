@@ -97,7 +97,12 @@ def test_config_reference_and_show(capsys):
     assert main(["config", "reference"]) == 0
     assert "`trainer.lr`" in capsys.readouterr().out
     assert main(["config", "reference", "x.yaml"]) == 2
-    assert main(["config", "show", "trainer.lr=oops"]) == 2  # an override without a config is not a file name
+    assert main(["config", "show", "trainer.lr=2e-5"]) == 0  # overrides of the defaults, no config file
+    assert "lr: 2.0e-05" in capsys.readouterr().out
+    # a secret in an override is refused without being repeated
+    assert main(["config", "show", "teacher.base_url=https://u:sk-abcdefgh123456@x.example/v1"]) == 2
+    err = capsys.readouterr().err
+    assert "base_url" in err and "sk-abcdefgh123456" not in err
 
 
 def test_report_of_several_runs_needs_out(tmp_path, capsys, monkeypatch):

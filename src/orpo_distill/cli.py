@@ -85,7 +85,10 @@ def cmd_config(args: argparse.Namespace) -> int:
             raise UserError("config reference takes no CONFIG (it lists every key of every config)")
         print(config_reference(), end="")
         return 0
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():  # `config show trainer.lr=1e-5`
+        config, overrides = None, [config, *overrides]
+    print(dump_config(load_config(config, overrides)), end="")
     return 0
 
 

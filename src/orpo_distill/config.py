@@ -308,7 +308,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed)}")
         else:
             msg = str(e["msg"]).removeprefix("Value error, ")
-            lines.append(f"  {key}: {msg}{_shown_input(e.get('input'))}")
+            where = "" if msg.startswith(f"{key}.") else f"{key}: "  # a section's check names its own key
+            lines.append(f"  {where}{msg}{_shown_input(e.get('input'))}")
     return "\n".join(lines)
 
 
