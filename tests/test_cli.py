@@ -150,3 +150,22 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     assert "config file not found" in capsys.readouterr().err  # the override was taken, not refused
     assert main(["run", str(p), "--no-progress", "--bogus"]) == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_permission_and_read_only_errors_are_messages(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "out" / "results.json"))
+
+    monkeypatch.setattr(cli, "cmd_config", denied)
+    assert main(["config", "show"]) == 2
+    err = capsys.readouterr().err
+    assert "results.json" in err and "Permission denied" in err and "Traceback" not in err
+
+    def other(args):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(cli, "cmd_config", other)
+    with pytest.raises(OSError):  # not the user's to fix: a traceback for the bug report
+        main(["config", "show"])

@@ -474,8 +474,12 @@ def _os_error(e: OSError) -> UserError | None:
     if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return UserError(f"no space left on the device writing{where}: free disk space and run the same command "
                          "again (finished work is kept)")
-    if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return UserError(f"cannot write{where}: {e.strerror}; make it writable or choose another --out")
+    if e.errno == errno.EROFS:
+        return UserError(f"cannot write{where}: the file system is read-only; choose another --out "
+                         "(run.out_dir) or run.store")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return UserError(f"cannot access{where}: {e.strerror}; fix its permissions, or choose another --out "
+                         "(run.out_dir) when it is an output")
     return None
 
 
