@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -127,8 +128,6 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False, checked: 
                 trained += run_train(cfg, variants=[v], seeds=[s], progress=progress)
             except TrainingDiverged as e:
                 diverged.append((v, s, str(e)))
-                import sys
-
                 print(f"orpo-distill: {e} (the other variants go on)", file=sys.stderr, flush=True)
     timings["train_and_eval_s"] = time.perf_counter() - t
     if validate:
