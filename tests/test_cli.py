@@ -169,3 +169,20 @@ def test_permission_and_read_only_errors_are_messages(tmp_path, capsys, monkeypa
     monkeypatch.setattr(cli, "cmd_config", other)
     with pytest.raises(OSError):  # not the user's to fix: a traceback for the bug report
         main(["config", "show"])
+
+
+def test_check_model_accepts_remote_code_architectures_only_when_trusted(tmp_path, tiny_llama_dir):
+    import shutil
+
+    from orpo_distill.config import ModelConfig
+    from orpo_distill.models import check_model
+
+    d = tmp_path / "custom"
+    shutil.copytree(tiny_llama_dir, d)
+    conf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**conf, "model_type": "mine",
+                                               "auto_map": {"AutoConfig": "conf.MyConfig"}}))
+    with pytest.raises(UserError, match="'mine' is not known"):
+        check_model(ModelConfig(model=str(d)))
+    check_model(ModelConfig(model=str(d), trust_remote_code=True))
+    check_model(ModelConfig(model="org/hub-model"))  # hub ids are checked when they load, not here

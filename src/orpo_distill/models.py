@@ -102,7 +102,9 @@ def check_model(cfg: ModelConfig, path: str | None = None, *, key: str = "model"
         raise UserError(f"{key}: {conf}: has no `model_type`; re-save the model with transformers")
     from transformers import CONFIG_MAPPING
 
-    if data["model_type"] not in CONFIG_MAPPING:
+    # with trust_remote_code the folder's own code (auto_map) defines the architecture
+    remote = cfg.trust_remote_code and isinstance(data.get("auto_map"), dict)
+    if data["model_type"] not in CONFIG_MAPPING and not remote:
         import transformers
 
         raise UserError(f"{key}: {conf}: model_type {data['model_type']!r} is not known to transformers "
