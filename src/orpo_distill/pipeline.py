@@ -344,16 +344,16 @@ def _check_data(cfg: Config, splits: Sequence[str], problems: list[str]) -> None
             problems.append(f"the {split} split is empty: {where}; it needs at least one question")
 
 
-def _check_model(cfg: Config, which: str, problems: list[str]) -> None:
+def _check_model(cfg: Config, which: str, problems: list[str], *, train: bool = False) -> None:
     from .models import check_model, resolve_device
 
     mcfg = getattr(cfg, which)
     if mcfg.backend == "openai":
-        if which == "student":
+        if which == "student" and train:
             problems.append("student.backend: openai cannot be trained; use hf (or vllm for the student's "
                             "sampling)")
         elif not mcfg.model:
-            problems.append("teacher.model is not set: give the served model name")
+            problems.append(f"{which}.model is not set: give the served model name")
         elif mcfg.api_key_env and not os.environ.get(mcfg.api_key_env):
             problems.append(f"teacher.api_key_env names the environment variable {mcfg.api_key_env!r}, which is "
                             "not set (or empty); export it before running")
@@ -383,7 +383,7 @@ def preflight(cfg: Config, *, stages: Sequence[str] = ("teacher", "student", "tr
     if "teacher" in stages:
         _check_model(cfg, "teacher", problems)
     if "student" in stages or "train" in stages:
-        _check_model(cfg, "student", problems)
+        _check_model(cfg, "student", problems, train="train" in stages)
     splits = ["train"] if {"teacher", "student"} & set(stages) or ("train" in stages and needs_teacher) else []
     if "train" in stages:
         splits += [cfg.eval.split] + (["validation"] if validate else [])
