@@ -632,10 +632,12 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
                   evaluator: Evaluator | None = None) -> dict[str, Any]:
     """Train (or, for zero_shot, only evaluate) one variant with one seed; return and write `result.json`.
 
-    Skips everything and returns the stored result when `out_dir/result.json` exists; resumes from the newest
-    checkpoint in `out_dir/checkpoints` otherwise. `sampler`/`evaluator` replace the default student sampling and
-    evaluation (tests). Returns a dict: variant, seed, per_epoch (loss, log-odds, pool make-up, pair counts, eval),
-    final_eval, costs (seconds, tokens, student samples), model_dir, config_hash.
+    Skips everything and returns the stored result when `out_dir/result.json` exists and was trained and
+    evaluated with the same settings (`UserError` naming the changed keys otherwise); resumes from the newest
+    checkpoint in `out_dir/checkpoints` (same settings only) otherwise. `sampler`/`evaluator` replace the default
+    student sampling and evaluation (tests). Raises `TrainingDiverged` on a non-finite loss or gradient norm.
+    Returns a dict: variant, seed, per_epoch (loss, log-odds, pool make-up, pair counts, eval), final_eval, costs
+    (seconds, tokens, student samples), model_dir, config_hash, identity_hash, eval_fingerprint, settings.
     """
     spec = variant_spec(variant)
     out = Path(out_dir)
@@ -1037,6 +1039,6 @@ def summarize(result: dict[str, Any]) -> str:
             f"{result['costs'].get('optimizer_steps', 0)} steps, model {result.get('model_dir')}")
 
 
-__all__ = ["SPECS", "VariantSpec", "MissingTraces", "check_traces", "config_hash", "lr_factor", "model_card",
-           "run_train", "save_hf_model", "student_revision", "summarize", "train_variant", "variant_dir",
-           "variant_spec"]
+__all__ = ["HASH_CLASSES", "SPECS", "VariantSpec", "MissingTraces", "check_traces", "config_hash", "config_leaves",
+           "eval_fingerprint", "identity_hash", "lr_factor", "model_card", "run_fingerprints", "run_train",
+           "save_hf_model", "student_revision", "summarize", "train_variant", "variant_dir", "variant_spec"]
