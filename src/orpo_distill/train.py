@@ -41,6 +41,7 @@ refuses otherwise. A checkpoint is resumed only under the same settings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -376,6 +377,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def invariant_attention(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A context in which attention gives the same bits whatever the number of CPU threads.
+
+    PyTorch's CPU scaled-dot-product attention splits the key/value length across threads for a single query
+    token (every KV-cache decoding step), so its sums, and the logits, change in the last bits with
+    `torch.set_num_threads` (1 vs 2 threads: ~1e-7). Inverse-CDF sampling turns such a difference into another
+    token now and then (in the demo, 1 of 2048 live-student samples after epoch 1), the on-policy pool changes
+    and the run drifts. The math backend (matmul + softmax) sums in a fixed order. On GPUs the kernels do not
+    depend on CPU threads, so nothing changes there.
+    """
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Sampling and evaluation of the live student
 # --------------------------------------------------------------------------------------------------------------
@@ -672,7 +690,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
                   "model_dir": None, **fp}
         if evaluator is not None:
             t0 = time.perf_counter()
-            with rng_fork(), accelerator.autocast():
+            with rng_fork(), accelerator.autocast(), invariant_attention(accelerator.device):
                 res = evaluator(raw_model, tokenizer, 0)
             costs["eval_seconds"] = time.perf_counter() - t0
             _write_predictions(res, out / "predictions" / "final.jsonl")
@@ -705,7 +723,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
 
     def sample_student(epochs_trained: int, ids: Sequence[str]) -> None:
         t0 = time.perf_counter()
-        with rng_fork(), accelerator.autocast():
+        with rng_fork(), accelerator.autocast(), invariant_attention(accelerator.device):
             rep = sample_fn(raw_model, tokenizer, epochs_trained, [questions_by_id[q] for q in ids])
         costs["sample_seconds"] += time.perf_counter() - t0
         d = rep.as_dict() if hasattr(rep, "as_dict") else {}
@@ -917,7 +935,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
                                   "pool": plan["pool_stats"], "pairs": plan["encode_stats"]}
         if evaluator is not None and (cfg.eval.every_epoch or epoch == epochs):
             t0 = time.perf_counter()
-            with rng_fork(), accelerator.autocast():
+            with rng_fork(), accelerator.autocast(), invariant_attention(accelerator.device):
                 res = evaluator(raw_model, tokenizer, epoch)
             costs["eval_seconds"] += time.perf_counter() - t0
             _write_predictions(res, out / "predictions" / f"epoch{epoch}.jsonl")
