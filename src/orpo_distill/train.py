@@ -136,6 +136,7 @@ HASH_CLASSES: dict[str, str] = {
                     "neither"),
     **dict.fromkeys([f"sampling.{k}" for k in ("k", "student_k", "temperature", "top_p", "max_new_tokens", "stop",
                                                "seed", "rouge_threshold")], "weights"),
+    "sampling.allow_failed_prompts": "neither",  # whether a stage with failed prompts errors; not what is drawn
     **dict.fromkeys([f"pairs.{k}" for k in ("strategy", "max_pairs_per_question", "max_length",
                                             "max_prompt_length")], "weights"),
     **dict.fromkeys([f"policy.{k}" for k in ("phi", "schedule", "phi_start", "phi_end", "teacher_negatives_fallback",
