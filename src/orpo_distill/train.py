@@ -240,8 +240,9 @@ def _changed(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     return ", ".join(diff[:5]) + (f" and {len(diff) - 5} more" if len(diff) > 5 else "") if diff else "-"
 
 
-def _check_finished(prev: dict[str, Any], fp: dict[str, Any], variant: str, out: Path) -> None:
-    """A finished variant folder is reused only for the settings it was trained and evaluated with."""
+def check_finished(prev: dict[str, Any], fp: dict[str, Any], variant: str, out: Path) -> None:
+    """A finished variant folder (its result.json `prev`) is reused only for the settings it was trained and
+    evaluated with (`fp` = `run_fingerprints(cfg)`); `UserError` naming the changed keys otherwise."""
     old = prev.get("settings") or {}
     if variant == "zero_shot":  # the untouched student: only its identity matters besides evaluation
         same = (old.get("weights") or {}).get("student identity") == fp["settings"]["weights"]["student identity"]
@@ -664,7 +665,7 @@ def train_variant(cfg: Config, variant: str, seed: int, out_dir: str | os.PathLi
     fp = run_fingerprints(cfg)
     if done.exists():
         prev = json.loads(done.read_text(encoding="utf-8"))
-        _check_finished(prev, fp, variant, out)
+        check_finished(prev, fp, variant, out)
         return prev
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
@@ -1058,6 +1059,7 @@ def summarize(result: dict[str, Any]) -> str:
             f"{result['costs'].get('optimizer_steps', 0)} steps, model {result.get('model_dir')}")
 
 
-__all__ = ["HASH_CLASSES", "SPECS", "VariantSpec", "MissingTraces", "check_traces", "config_hash", "config_leaves",
-           "eval_fingerprint", "identity_hash", "lr_factor", "model_card", "run_fingerprints", "run_train",
-           "save_hf_model", "student_revision", "summarize", "train_variant", "variant_dir", "variant_spec"]
+__all__ = ["HASH_CLASSES", "SPECS", "VariantSpec", "MissingTraces", "check_finished", "check_traces", "config_hash",
+           "config_leaves", "eval_fingerprint", "identity_hash", "lr_factor", "model_card", "run_fingerprints",
+           "run_train", "save_hf_model", "student_revision", "summarize", "train_variant", "variant_dir",
+           "variant_spec"]
