@@ -77,3 +77,16 @@ def test_training_and_check_traces_use_only_their_revision(two_revisions, tmp_pa
     other.teacher.template = "plain"
     with pytest.raises(MissingTraces, match="orpo-distill traces teacher"):
         check_traces(other, store, ["sft_single"], ids)
+
+
+def test_the_query_names_the_revision_the_sampler_records(tiny_llama_dir):
+    """The trainer's query and the sampler that wrote the traces must agree on the revision (local folder, prompt
+    format), or no trace would ever be found."""
+    from orpo_distill.config import ModelConfig
+    from orpo_distill.run_traces import model_revision
+    from orpo_distill.sampling.hf import HFGenerator
+
+    for cfg in (ModelConfig(model=str(tiny_llama_dir), device="cpu"),
+                ModelConfig(model=str(tiny_llama_dir), device="cpu", template="plain", system_prompt="Be brief.")):
+        gen = HFGenerator.from_config(cfg)
+        assert model_revision(cfg) == (gen.model_id, gen.revision)

@@ -7,17 +7,15 @@ revision (which carries the prompt format, `sampling.stage.model_identity`), sam
 sample index (< this run's k) all match. `TraceQuery` names that identity once and `select` applies it, so no
 caller can forget a column.
 
-The revision is what the sampler recorded: the configured `revision`, a content fingerprint of a local folder, or,
-for a hub model sampled in-process without a pinned revision, the commit transformers resolved; here that commit
-is read from the local Hugging Face cache (the one a load would use). When it cannot be found there, the run's
-revision stays "unpinned" and only traces recorded as unpinned match: pin `revision` in the config to be exact.
+The revision is exactly what the samplers record (`sampling.stage.model_identity` without a loaded model): the
+configured `revision`, else a content fingerprint of a local folder, else "unpinned" (a hub or served model
+without a pinned `revision`: pin one to tell its versions apart).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 TEACHER_SOURCE = "teacher"
@@ -46,28 +44,11 @@ def _canonical(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(d.items()))
 
 
-def _cached_hub_commit(model: str) -> str | None:
-    """The commit of a hub model's config in the local Hugging Face cache (what a load would resolve offline)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        got = try_to_load_from_cache(model, "config.json")
-    except Exception:  # noqa: BLE001 - not a repo id, no cache: the revision stays unknown
-        return None
-    return Path(got).parent.name if isinstance(got, str) else None
-
-
 def model_revision(mcfg: Any) -> tuple[str, str]:
-    """(model_id, revision) of a configured model as its sampler records them (`sampling.stage.model_identity`,
-    with an unpinned in-process hub model's commit read from the cache)."""
+    """(model_id, revision) of a configured model, as its sampler records them with its traces."""
     from .sampling.stage import model_identity
 
-    model_id, rev = model_identity(mcfg)
-    if rev.startswith("unpinned") and mcfg.backend == "hf" and mcfg.model and not Path(mcfg.model).exists():
-        commit = _cached_hub_commit(mcfg.model)
-        if commit:
-            rev = commit + rev[len("unpinned"):]
-    return model_id, rev
+    return model_identity(mcfg)
 
 
 def _params(cfg: Any, role: str) -> tuple[tuple[tuple[str, Any], ...], int]:
