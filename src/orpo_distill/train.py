@@ -28,7 +28,8 @@ Mechanics: `accelerate` places the model and runs bf16/fp16 autocast on GPU (fp3
 (multi-GPU data parallelism is not supported here). Checkpoints (checkpoint.py) every `trainer.save_every_steps`
 optimiser steps and at each epoch end hold weights, optimiser, schedule, RNG states, the epoch's pool and batch
 plan and the position in it, so `kill -9` and the same command continue to the same weights as an uninterrupted
-run. Sampling and evaluation run inside `rng_fork`, so they never move the training RNG streams. The number of
+run. Sampling and evaluation run inside `rng_fork`, so they never move the training RNG streams, and with
+`invariant_attention`, so on CPU what the live student writes does not depend on the thread count. The number of
 pairs can change between epochs (fresh negatives), so the schedule's total length is re-estimated at each epoch
 start from the steps done plus this epoch's steps times the epochs left. Logs: `metrics.jsonl` (one row per
 logged step and per epoch), TensorBoard, W&B when installed and asked for, and a tqdm bar with loss, log-odds and
