@@ -374,3 +374,20 @@ def test_stage_with_hf_generator_end_to_end(tmp_path, unigram_tokenizer):
     assert r.sampled == 14 and len(ts) == 14 and all(t.checkpoint == "ck/2" for t in ts)
     assert r.completion_tokens == sum(t.n_tokens for t in ts) == 140
     assert {t.verdict for t in ts} <= {"correct", "wrong", "unparsed"}
+
+
+def test_cpu_decoding_runs_under_thread_invariant_attention(model_and_tok):
+    """Every forward of a CPU decode runs with only the math attention backend, whose sums do not depend on the
+    number of torch threads, so traces do not depend on how busy the machine is (the fused CPU kernel splits the
+    key length across threads for one query token and changed a demo trace in 1 of 2048)."""
+    model, tok = model_and_tok
+    seen: list[bool] = []
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.flash_sdp_enabled()
+                                                                  or torch.backends.cuda.mem_efficient_sdp_enabled()))
+    try:
+        gen = HFGenerator(model, tok, model_id="m", revision="r", template="plain")
+        gen.generate(["1+2=", "3+4="], SamplingParams(n=2, temperature=0.8, max_new_tokens=4, seed=0))
+    finally:
+        hook.remove()
+    assert seen and not any(seen)  # the fused backends were off during every forward of the decode
+    assert torch.backends.cuda.flash_sdp_enabled()  # and are back on afterwards

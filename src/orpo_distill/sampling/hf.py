@@ -11,11 +11,13 @@ prompt's first real token; one prefill per prompt whose KV cache is then copied 
 cache; finished rows dropped from the batch; EOS, the chat template's end-of-turn token (`tasks.prompts`;
 never part of the returned text) and stop strings; temperature, top-p; the batch size halves on out-of-memory and
 stays halved. Prompts are tokenised with `tasks.prompts.encode_prompt`, the function training uses. The model is
-put back in the train/eval mode it was in.
+put back in the train/eval mode it was in. On CPU, decoding runs under `invariant_attention`, so what a model writes
+does not depend on the number of torch threads (that is, on how busy the machine is).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -30,6 +32,22 @@ from ..tasks.prompts import encode_prompt, end_of_turn_ids, render_prompt  # noq
 from .base import Completion, SamplingParams, resolve_sample_indices, sample_seed
 
 log = logging.getLogger(__name__)
+
+
+def invariant_attention(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A context in which attention gives the same bits whatever the number of CPU threads.
+
+    PyTorch's CPU scaled-dot-product attention splits the key/value length across threads for a single query
+    token (every KV-cache decoding step), so its sums, and the logits, change in the last bits with
+    `torch.set_num_threads` (1 vs 2 threads: ~1e-7). Inverse-CDF sampling turns such a difference into another
+    token now and then, so traces (and everything trained on them) would depend on how loaded the machine is. The
+    math backend (matmul + softmax) sums in a fixed order. GPU kernels do not depend on CPU threads: no change there.
+    """
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _uniforms(seed: int, steps: int) -> np.ndarray:
@@ -146,25 +164,26 @@ class HFGenerator:
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
-            start = 0
-            while start < len(jobs):
-                group = jobs[start:start + self.batch_size]
-                try:
-                    out = self._generate_group([prompts[p] for p in group],
-                                               [list(sample_indices[p]) for p in group], params)
-                except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
-                    if not _is_oom(e) or self.batch_size == 1:
-                        raise
-                    self.error_count += 1
-                    self.batch_size = max(1, self.batch_size // 2)
-                    log.warning("out of memory with %d prompts per batch; retrying with %d", len(group),
-                                self.batch_size)
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    continue
-                for p, comps in zip(group, out):
-                    results[p] = comps
-                start += len(group)
+            with invariant_attention(self.device):
+                start = 0
+                while start < len(jobs):
+                    group = jobs[start:start + self.batch_size]
+                    try:
+                        out = self._generate_group([prompts[p] for p in group],
+                                                   [list(sample_indices[p]) for p in group], params)
+                    except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+                        if not _is_oom(e) or self.batch_size == 1:
+                            raise
+                        self.error_count += 1
+                        self.batch_size = max(1, self.batch_size // 2)
+                        log.warning("out of memory with %d prompts per batch; retrying with %d", len(group),
+                                    self.batch_size)
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        continue
+                    for p, comps in zip(group, out):
+                        results[p] = comps
+                    start += len(group)
         finally:
             for m, training in modes:
                 m.training = training
