@@ -25,6 +25,13 @@ Gradient accumulation: with `StepTotals` (from `step_totals` over all micro-batc
 losses return each micro-batch's share of the step's loss, so the summed backward passes of a step equal one
 backward over the step as a single batch, whatever the micro-batch sizes (a short last micro-batch weighs what
 its examples weigh; `nll_reduction: token` pools over the whole step's tokens).
+
+Under a distributed wrapper (DDP, FSDP2, DeepSpeed, accelerate) the loss must run inside the module the wrapper
+prepared, or the wrapper's hooks never see it (DDP's reducer, FSDP's and ZeRO-3's parameter gathering):
+`ORPOStudent` holds the HF model and both objectives and its `forward(batch, totals)` returns (loss, metrics);
+wrap and call that module. Data parallel: `StepTotals.world` is the number of ranks whose gradients the wrapper
+averages; with the step's totals summed over ranks (`distributed.reduce_step_totals`) each rank's share is
+`world x` its part of the global step's loss, so the averaged gradient equals one process's over the global step.
 """
 
 from __future__ import annotations
@@ -251,13 +258,23 @@ def chunked_head_ok(model: nn.Module) -> bool | None:
     return getattr(model, _HEAD_CHECK_ATTR, None)
 
 
+def scored_positions(attention_mask: Tensor, completion_mask: Tensor, scopes: tuple[str, ...]) -> int:
+    """How many positions `sequence_logps` sends through the LM head (the union of the scopes' targets)."""
+    return int(_target_mask(attention_mask, completion_mask, "all" if "all" in scopes else "completion").sum())
+
+
 def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
-                   scopes: tuple[str, ...] = ("completion",), chunk_size: int = 1024) -> dict[str, SequenceLogps]:
+                   scopes: tuple[str, ...] = ("completion",), chunk_size: int = 1024, min_chunks: int = 0
+                   ) -> dict[str, SequenceLogps]:
     """Per-sequence log-prob sums/counts for each scope in `scopes` ("completion" and/or "all"), chunked.
 
     One backbone forward; only the scored positions go through the LM head, `chunk_size` rows at a time, each
     chunk checkpointed so its float32 logits are recomputed in backward instead of stored. A model that failed
     `verify_chunked_head` (run here on the first call) is scored with `sequence_logps_naive`.
+
+    `min_chunks`: call the head at least this many times (extra calls on zero rows, which change no value).
+    ZeRO-3 gathers the head's weight on every call, forward and recompute alike, so every rank must make the
+    same number of calls; `ORPOStudent(uniform_chunks=True)` passes the largest count over the ranks.
     """
     verify_chunked_head(model, {"input_ids": input_ids, "attention_mask": attention_mask})
     if not chunked_head_ok(model):
@@ -277,6 +294,11 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
             pieces.append(checkpoint(_chunk_token_logps, hc, tc, head, tf, use_reentrant=False))
         else:
             pieces.append(_chunk_token_logps(hc, tc, head, tf))
+    for _ in range(len(pieces), min_chunks):  # zero rows: part of the graph, so backward recomputes them too
+        if torch.is_grad_enabled() and rows.requires_grad:
+            pieces.append(checkpoint(_chunk_token_logps, rows[:0], targets[:0], head, tf, use_reentrant=False))
+        else:
+            pieces.append(_chunk_token_logps(rows[:0], targets[:0], head, tf))
     tok = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
     seq_of = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(union)[union]
     out = {}
@@ -311,6 +333,18 @@ class StepTotals:
 
     items: int  # examples in the whole optimiser step over all its micro-batches (a pair 1, an SFT example 1)
     tokens: int  # NLL-scored target tokens (chosen / SFT sequences only, per nll_scope) in the whole step
+    # Data-parallel ranks whose gradients the wrapper averages (DDP, FSDP and ZeRO all divide the summed gradient
+    # by the world size): each share is multiplied by it, so the average is the one-process gradient of the
+    # global step. 1 in one process; `distributed.reduce_step_totals` sets it with the global items/tokens.
+    world: int = 1
+
+    def per_item(self) -> float:
+        """The divisor of a per-item (sequence-mean) sum: items / world."""
+        return self.items / self.world
+
+    def per_token(self) -> float:
+        """The divisor of a token-pooled sum: max(tokens, 1) / world."""
+        return float(max(self.tokens, 1)) / self.world
 
 
 def batch_is_pair(batch: dict[str, Tensor]) -> bool:
@@ -340,11 +374,11 @@ def nll(logps: SequenceLogps, reduction: str = "sequence", totals: StepTotals | 
     """Negative log-likelihood: mean of per-sequence means (`sequence`) or pooled over all tokens (`token`).
 
     With `totals`, this batch's share of the step's NLL: the sum over its sequences (or tokens) divided by the
-    step's item (or token) count.
+    step's item (or token) count (times `totals.world` under data parallelism).
     """
     if reduction == "sequence":
-        return -logps.mean.sum() / totals.items if totals is not None else -logps.mean.mean()
-    denom = float(max(totals.tokens, 1)) if totals is not None else logps.count.sum().clamp(min=1.0)
+        return -logps.mean.sum() / totals.per_item() if totals is not None else -logps.mean.mean()
+    denom = totals.per_token() if totals is not None else logps.count.sum().clamp(min=1.0)
     return -logps.sum.sum() / denom
 
 
@@ -383,14 +417,19 @@ class ORPOLoss(nn.Module):
         self.lam, self.nll_scope, self.nll_reduction = lam, nll_scope, nll_reduction
         self.chunk_size, self.naive = chunk_size, naive
 
-    def forward(self, model: nn.Module, batch: dict[str, Tensor], totals: StepTotals | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-        scopes = ("completion",) if self.nll_scope == "completion" else ("completion", "all")
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """The log-prob scopes one forward computes."""
+        return ("completion",) if self.nll_scope == "completion" else ("completion", "all")
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], totals: StepTotals | None = None,
+                min_chunks: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        scopes = self.scopes
         ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
         if self.naive:
             lps = sequence_logps_naive(model, ids, am, cm, scopes)
         else:
-            lps = sequence_logps(model, ids, am, cm, scopes, self.chunk_size)
+            lps = sequence_logps(model, ids, am, cm, scopes, self.chunk_size, min_chunks)
         b = ids.shape[0] // 2
         comp = lps["completion"]
         scored = lps[self.nll_scope]
@@ -400,7 +439,7 @@ class ORPOLoss(nn.Module):
         if totals is None:
             return loss, metrics
         l_or_sum = -F.logsigmoid(log_odds_ratio(comp.mean[:b], comp.mean[b:])).sum()
-        share = nll(chosen_scored, self.nll_reduction, totals) + self.lam * l_or_sum / totals.items
+        share = nll(chosen_scored, self.nll_reduction, totals) + self.lam * l_or_sum / totals.per_item()
         return share, metrics
 
 
@@ -415,10 +454,87 @@ class SFTLoss(nn.Module):
         super().__init__()
         self.nll_scope, self.nll_reduction, self.chunk_size = nll_scope, nll_reduction, chunk_size
 
-    def forward(self, model: nn.Module, batch: dict[str, Tensor], totals: StepTotals | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """The log-prob scopes one forward computes."""
+        return (self.nll_scope,)
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], totals: StepTotals | None = None,
+                min_chunks: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
         lps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                             (self.nll_scope,), self.chunk_size)[self.nll_scope]
+                             (self.nll_scope,), self.chunk_size, min_chunks)[self.nll_scope]
         mean_loss = nll(lps, self.nll_reduction)
         metrics = {"loss": mean_loss.detach(), "nll": mean_loss.detach(), "chosen_logp": lps.mean.detach().mean()}
         return (mean_loss if totals is None else nll(lps, self.nll_reduction, totals)), metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The student and its objective as one module, for distributed wrappers
+# --------------------------------------------------------------------------------------------------------------
+
+def _probe_ids(model: nn.Module, device: torch.device) -> Tensor:
+    """Fixed token ids for the one-time head check: the same on every rank, so every rank takes the same path."""
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    if vocab <= 0:  # a model without a config: ask the head (a full weight outside ZeRO-3)
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+    ids = (torch.arange(_CHECK_ROWS * _CHECK_TOKENS, device=device) * 7919 + 17) % vocab
+    return ids.view(_CHECK_ROWS, _CHECK_TOKENS)
+
+
+class ORPOStudent(nn.Module):
+    """A HF causal LM and its training objectives as one module: `forward(batch, totals)` -> (loss, metrics).
+
+    Distributed wrappers only see what runs inside the forward of the module they wrap: DDP prepares its gradient
+    reducer there, FSDP2 gathers the root's parameters (embeddings, final norm, LM head) there, ZeRO-3 gathers
+    each submodule's there. The chunked head reaches the backbone and the head directly, so the loss has to run
+    inside that forward: wrap THIS module (`DDP(ORPOStudent(model, ...))`, `fully_shard`,
+    `accelerator.prepare`, `deepspeed.initialize(model=...)`) and call it with the batch. The values are those of
+    `ORPOLoss` / `SFTLoss` called on the bare model: a pair batch (`batch["is_pair"]`) goes to `orpo`, an
+    SFT-only batch to `sft`.
+
+    `weight` multiplies the returned loss (0.0: a padding micro-batch that a rank with nothing left in this step
+    runs only so that every rank makes the same forward/backward calls; drop its metrics).
+    The one-time chunked-head check (`verify_chunked_head`) runs on the first call, inside the forward so that
+    sharded weights are gathered, on fixed token ids, so every rank takes the same path.
+    `uniform_chunks=True` (needed under DeepSpeed ZeRO-3, where every call of the head gathers its weight, so
+    every rank must make the same number of calls): the ranks agree on the largest number of head chunks of this
+    micro-batch (one small all-reduce) and the others add calls on zero rows. Values are unchanged.
+    The HF model stays reachable as `.model` (generation, export); under FSDP2 see `distributed.unsharded`.
+    """
+
+    def __init__(self, model: nn.Module, orpo: ORPOLoss | None = None, sft: SFTLoss | None = None,
+                 uniform_chunks: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.orpo = orpo if orpo is not None else ORPOLoss()
+        self.sft = sft if sft is not None else SFTLoss(self.orpo.nll_scope, self.orpo.nll_reduction,
+                                                       self.orpo.chunk_size)
+        self.uniform_chunks = uniform_chunks
+
+    def _chunks_over_ranks(self, objective: ORPOLoss | SFTLoss, batch: dict[str, Tensor]) -> int:
+        """The largest number of head chunks of this micro-batch over the ranks (0 without a process group)."""
+        import torch.distributed as dist
+
+        if not (self.uniform_chunks and dist.is_available() and dist.is_initialized()):
+            return 0
+        n = scored_positions(batch["attention_mask"], batch["completion_mask"], objective.scopes)
+        dev = batch["input_ids"].device if dist.get_backend() == "nccl" else torch.device("cpu")
+        k = torch.tensor([-(-n // objective.chunk_size)], dtype=torch.int64, device=dev)
+        dist.all_reduce(k, op=dist.ReduceOp.MAX)
+        return int(k)
+
+    def forward(self, batch: dict[str, Tensor] | None = None, totals: StepTotals | None = None,
+                weight: float = 1.0, **tensors: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The batch's loss (or its share of the step, with `totals`) and its metrics; `batch` may also come as
+        keyword tensors (`module(**batch, totals=...)`)."""
+        if batch is None:
+            batch = tensors
+        if chunked_head_ok(self.model) is None and not getattr(self.orpo, "naive", False):
+            verify_chunked_head(self.model, _probe_ids(self.model, batch["input_ids"].device))
+        objective = self.orpo if batch_is_pair(batch) else self.sft
+        loss, metrics = objective(self.model, batch, totals, self._chunks_over_ranks(objective, batch))
+        if weight != 1.0:
+            loss = loss * weight
+        return loss, metrics
