@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import REPO, tiny_llama
 from distributed_workers import items  # noqa: E402
 
 from orpo_distill.distributed import decoder_layers, deepspeed_config, dist_info, hf_state_dict, split_step
@@ -109,3 +109,49 @@ def test_deepspeed_config_and_layers(model):
     assert list(hf_state_dict({"model.a": 1, "orpo.x": 2})) == ["a"]
     assert dist_info().world >= 1
 
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero2", "zero3"])
+def test_accelerate_configs_launch_as_documented(name, monkeypatch):
+    """Each shipped accelerate config parses as `accelerate launch --config_file F -m orpo_distill run CONFIG`
+    would, selects its engine, and (DeepSpeed) becomes a plugin config that `apply_trainer_settings` completes with
+    our clipping instead of accelerate's 1.0."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    from orpo_distill.distributed import apply_trainer_settings
+
+    path = REPO / "examples" / "accelerate" / f"{name}.yaml"
+    cfg = load_config_from_file(str(path))
+    args = launch_command_parser().parse_args(["--config_file", str(path), "--num_processes", "2", "-m",
+                                               "orpo_distill", "run", "config.yaml"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == 2 and args.module
+    if name.startswith("zero"):
+        assert args.use_deepspeed and cfg.deepspeed_config["zero_stage"] == int(name[-1])
+        args.deepspeed_fields_from_accelerate_config = list(cfg.deepspeed_config)
+        _, env = prepare_deepspeed_cmd_env(args)
+        for k, v in env.items():
+            if k.startswith("ACCELERATE_"):
+                monkeypatch.setenv(k, v)
+        ds = DeepSpeedPlugin().deepspeed_config
+        assert ds["zero_optimization"]["stage"] == int(name[-1])
+        assert ds["gradient_clipping"] == "auto"  # the trap: accelerate would fill 1.0
+        apply_trainer_settings(ds, micro_batch=2, grad_accum=4, max_grad_norm=None)
+        assert (ds["gradient_clipping"], ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"]) \
+            == (0.0, 4, 2)
+        if name == "zero3":
+            assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    else:
+        env = prepare_multi_gpu_env(args)
+        if name == "fsdp2":
+            assert args.use_fsdp and env["FSDP_VERSION"] == "2" and env["ACCELERATE_USE_FSDP"] == "true"
+            assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+        else:
+            assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
+
+
+def test_student_names_its_shard_units(model):
+    assert ORPOStudent(model)._no_split_modules == ["LlamaDecoderLayer"]

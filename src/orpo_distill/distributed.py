@@ -234,3 +234,20 @@ def deepspeed_config(stage: int, *, micro_batch: int, grad_accum: int, lr: float
     if world is not None:
         cfg["train_batch_size"] = micro_batch * grad_accum * world
     return cfg
+
+
+def apply_trainer_settings(ds_config: dict[str, Any], *, micro_batch: int, grad_accum: int,
+                           max_grad_norm: float | None, world: int | None = None) -> dict[str, Any]:
+    """Write our trainer's settings into the DeepSpeed config that accelerate built from a launch config
+    (`AcceleratorState().deepspeed_plugin.deepspeed_config`, or `accelerator.state.deepspeed_plugin...`), in
+    place, before `accelerator.prepare`: the per-rank micro-batch (accelerate cannot infer it without a prepared
+    dataloader), `gradient_accumulation_steps`, and `gradient_clipping` (0.0 = off when `max_grad_norm` is None;
+    left "auto", accelerate fills 1.0). Returns the same dict."""
+    ds_config["train_micro_batch_size_per_gpu"] = micro_batch
+    ds_config["gradient_accumulation_steps"] = grad_accum
+    ds_config["gradient_clipping"] = float(max_grad_norm) if max_grad_norm is not None else 0.0
+    if world is not None:
+        ds_config["train_batch_size"] = micro_batch * grad_accum * world
+    elif ds_config.get("train_batch_size") == "auto":
+        del ds_config["train_batch_size"]  # DeepSpeed derives it from the micro-batch, accumulation and world
+    return ds_config

@@ -512,6 +512,8 @@ class ORPOStudent(nn.Module):
         self.sft = sft if sft is not None else SFTLoss(self.orpo.nll_scope, self.orpo.nll_reduction,
                                                        self.orpo.chunk_size)
         self.uniform_chunks = uniform_chunks
+        # accelerate's FSDP auto-wrap reads the shard units' class names from the module it prepares
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
 
     def _chunks_over_ranks(self, objective: ORPOLoss | SFTLoss, batch: dict[str, Tensor]) -> int:
         """The largest number of head chunks of this micro-batch over the ranks (0 without a process group)."""
