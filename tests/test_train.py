@@ -368,8 +368,8 @@ def test_finished_variant_is_reused_only_for_its_own_settings(setup, tmp_path):
                                                ("orpo_teacher_neg", "token")])
 def test_grad_accum_equals_one_batch_with_a_ragged_last_micro_batch(tmp_path, tiny_llama_dir, monkeypatch,
                                                                    variant, reduction):
-    """7 examples in one optimiser step: micro-batches of 2, 2, 2, 1 (grad_accum 4) must give the gradients and
-    weights of one batch of 7 (grad_accum 1)."""
+    """7 examples in one optimiser step (trainer.batch_size is the step's global batch): micro-batches of 2, 2,
+    2, 1 (grad_accum 4) must give the gradients and weights of one batch of 7 (grad_accum 1)."""
     import torch
 
     import orpo_distill.train as train
@@ -387,7 +387,7 @@ def test_grad_accum_equals_one_batch_with_a_ragged_last_micro_batch(tmp_path, ti
 
     task, qs = ArithTask(), make_questions(7)
     runs = {}
-    for tag, batch, accum in (("one", 8, 1), ("accum", 2, 4)):
+    for tag, batch, accum in (("one", 8, 1), ("accum", 8, 4)):
         cfg = tiny_config(tiny_llama_dir, tmp_path / tag, **{
             "trainer.epochs": 1, "trainer.batch_size": batch, "trainer.grad_accum": accum,
             "trainer.max_grad_norm": None, "pairs.max_pairs_per_question": 1, "objective.nll_reduction": reduction})
