@@ -183,8 +183,12 @@ class LoraConfig(_Section):
 class TrainerConfig(_Section):
     epochs: int = Field(5, ge=1, description="paper: 5")
     lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
-    batch_size: int = Field(8, ge=1, description="pairs (or SFT sequences) per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    batch_size: int = Field(8, ge=1, description="pairs (or SFT sequences) per optimiser step: the GLOBAL batch, "
+                            "split over the data-parallel processes and then into grad_accum micro-batches (each "
+                            "rank's micro-batch is about batch_size / (processes x grad_accum)); results do not "
+                            "depend on the number of processes")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step on each process (memory: the "
+                            "step's examples are the same)")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of all steps spent warming up")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
