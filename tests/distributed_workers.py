@@ -133,6 +133,23 @@ def mode_ddp(info) -> dict:
     for b, _ in batches:
         wrapped.module.orpo(model, b, totals)[0].backward()
     out["bypass"] = {"want": out["orpo-7-seq"]["want"], "got": grads(model)}
+
+    # the same step through accelerate (what the trainer prepares): Accelerator on the CPU under torchrun is
+    # MULTI_CPU, `prepare` wraps the ORPOStudent in DDP, `no_sync` + `backward` as the trainer calls them
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    orpo = ORPOLoss(lam=0.7, chunk_size=5)
+    model = tiny_llama()
+    student, opt = acc.prepare(ORPOStudent(model, orpo), torch.optim.SGD(model.parameters(), lr=0.0))
+    totals = reduce_step_totals(local_totals(batches, "completion"))
+    for k, (b, w) in enumerate(batches):
+        with acc.no_sync(student) if k < len(batches) - 1 else _null():
+            loss, _ = student(b, totals, weight=w)
+            acc.backward(loss)
+    out["accelerate"] = {"want": out["orpo-7-seq"]["want"], "got": grads(model), "want_loss": 0.0, "got_loss": 0.0,
+                         "totals": [totals.items, totals.tokens, totals.world], "micro": [],
+                         "engine": f"{acc.distributed_type.value}:{type(student).__name__}:{acc.num_processes}"}
     return out
 
 
