@@ -160,3 +160,34 @@ def test_stage_sampling_is_content_keyed(live, tmp_path):
                              checkpoint="variant-x:epoch5", progress=False)
         assert (r1.sampled, r2.sampled) == (6, 2)  # a second call samples only what the store lacks
         assert len(store.traces(source="epoch:5")) == 8
+
+
+def test_trainer_hooks_push_once_per_epoch_and_match_the_transformers_path(live, tmp_path):
+    """`StudentEngineHooks.sample`/`.evaluate` (the trainer's sampler/evaluator signatures) over two epochs: one
+    push per epoch shared by sampling and evaluation, traces under the trainer's revision, and the evaluation the
+    trainer's default (transformers) evaluator gives on the same weights."""
+    from orpo_distill.config import config_from_dict
+    from orpo_distill.evaluate import evaluate_with_config
+    from orpo_distill.sampling.vllm_live import StudentEngineHooks
+
+    student, model, tok = live
+    cfg = config_from_dict({"student": {"model": "tiny", "template": "plain", "dtype": "float32"},
+                            "sampling": {"k": 2, "student_k": 2, "temperature": 1.0, "max_new_tokens": 8, "seed": 1},
+                            "eval": {"max_new_tokens": 10, "batch_size": 2}})
+    task, qs = AddTask(), add_questions(5)
+    with TraceStore(tmp_path / "t.sqlite") as store:
+        hooks = StudentEngineHooks(cfg, "orpo_mixed", 0, task=task, store=store, eval_questions=qs, progress=False,
+                                   student=student, revision_of=lambda e: f"orpo_mixed/seed0/epoch{e}/h")
+        for epoch in (1, 2):
+            perturb(model, seed=10 + epoch)
+            rep = hooks.sample(model, tok, epoch, qs[:3])
+            res = hooks.evaluate(model, tok, epoch)
+            assert hooks.refreshes == epoch and hooks.served == epoch  # one push for sampling + evaluation
+            assert rep.sampled == 6
+            ts = store.traces(source=f"epoch:{epoch}")
+            assert len(ts) == 6 and {t.checkpoint for t in ts} == {f"orpo_mixed/seed0/epoch{epoch}/h"}
+            ref = evaluate_with_config(hf(model, tok), task, qs, cfg, progress=False)
+            assert res.predictions == ref.predictions and res.accuracy == ref.accuracy
+            assert res.revision == f"orpo_mixed/seed0/epoch{epoch}/h"
+        hooks.close()  # an injected engine is the caller's: still usable
+        assert student.generator(model_id="m", revision="r").generate(["1 + 1"], GREEDY)[0]
