@@ -267,8 +267,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             if getattr(e, "results", None):
                 print(render_results_md(e.results, []), end="")  # type: ignore[attr-defined]
             raise
-    print(render_results_md(results, []), end="")
-    print(f"wrote {out / 'results.json'}, results.md and plots/")
+    from .distributed import dist_info
+
+    if dist_info().is_main:  # under torchrun / accelerate launch: printed once
+        print(render_results_md(results, []), end="")
+        print(f"wrote {out / 'results.json'}, results.md and plots/")
     return 0
 
 

@@ -88,15 +88,24 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False, checked: 
     Raises `UserError` from `preflight` before anything is written (unless `checked`: the caller ran it), and
     `TrainingDiverged` at the end when a variant diverged (the others are trained and reported first)."""
     from . import report
+    from .distributed import init_process_group
     from .sampling.stage import run_traces
     from .train import run_train
 
+    # Under a launcher (torchrun, `accelerate launch`) every rank runs this function: rank 0 alone samples the
+    # teacher and initial student and writes every file; all ranks train together; the others wait at barriers
+    # (a long timeout: teacher sampling can take hours while they wait).
+    info = init_process_group(timeout_s=7 * 24 * 3600.0)
+    main = info.is_main
+    progress = progress and main
     variants = list(cfg.run.variants)
     if not checked:
         preflight(cfg, validate=validate)
+    _barrier(info)
     out = Path(cfg.run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
     if cfg.run.threads:
         import torch
 
@@ -105,16 +114,17 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False, checked: 
     timings: dict[str, float] = {}
 
     # 1-2. traces: only what the store lacks is sampled (a finished stage costs a store look-up)
-    if any(v != "zero_shot" for v in variants):
+    if main and any(v != "zero_shot" for v in variants):
         _log(progress, "stage 1/4: teacher traces")
         t = time.perf_counter()
         run_traces(cfg, "teacher", progress=progress)  # prompts that all fail stop here (exit 3)
         timings["teacher_traces_s"] = time.perf_counter() - t
-    if any(v in ORPO_STUDENT_NEGATIVES for v in variants):
+    if main and any(v in ORPO_STUDENT_NEGATIVES for v in variants):
         _log(progress, "stage 2/4: initial student traces")
         t = time.perf_counter()
         run_traces(cfg, "student", progress=progress)
         timings["student_traces_s"] = time.perf_counter() - t
+    _barrier(info)
 
     # 3. every variant x seed (each skipped when its result.json exists, resumed from its checkpoint otherwise);
     # one at a time, so that a variant that diverges is recorded and the others still run
@@ -130,20 +140,30 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False, checked: 
                 diverged.append((v, s, str(e)))
                 print(f"orpo-distill: {e} (the other variants go on)", file=sys.stderr, flush=True)
     timings["train_and_eval_s"] = time.perf_counter() - t
-    if validate:
+    if validate and main:
         trained = [validate_result(cfg, r, progress=progress) for r in trained]
 
     # 4. results.json, results.md, plots
     _log(progress, "stage 4/4: report")
     results = build_results(cfg, trained, diverged)
     results["costs"].update({"pipeline_seconds_this_invocation": round(time.perf_counter() - t0, 2), **timings})
-    report.save_results(out, results)
-    report.write_report(out, results)
+    if main:
+        report.save_results(out, results)
+        report.write_report(out, results)
+    _barrier(info)
     if diverged:
         err = TrainingDiverged(diverged_message(diverged))
         err.results = results  # type: ignore[attr-defined]
         raise err
     return results
+
+
+def _barrier(info: Any) -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def diverged_message(diverged: Sequence[tuple[str, int, str]]) -> str:

@@ -548,10 +548,13 @@ class DistillRecipe:
             tokens = 0
             for j, (mb, cpu_batch) in enumerate(zip(micro, batches)):
                 weight = 1.0
-                if cpu_batch is None:  # nothing left for this rank: a stand-in with weight 0 keeps the calls equal
+                if cpu_batch is None:
+                    if self.world == 1:
+                        continue
+                    # nothing left for this rank: a stand-in with weight 0 keeps the ranks' calls equal
                     cpu_batch, weight = collate([examples[step[0]]], self.pad_id), 0.0
                 batch = {k: v.to(acc.device) for k, v in cpu_batch.items()}
-                last = j == len(micro) - 1
+                last = j == len(micro) - 1  # gradients are synchronised once per step, on its last micro-batch
                 with contextlib.nullcontext() if last or self.world == 1 else acc.no_sync(self.model):
                     loss, m = self.loss_step(batch, totals, weight)
                     acc.backward(loss)
@@ -742,6 +745,7 @@ class DistillRecipe:
             "gold_rationale_questions": len(self.gold_used),
             "per_epoch": history, "final_eval": history[-1].get("eval") if history else None,
             "sampling": self.sample_reports, "costs": self.costs, "model_dir": str(self.out / "model"),
+            "processes": self.world,  # data-parallel ranks it was trained on (the numbers do not depend on it)
         }
         self._check_finite_weights(self.state["global_step"], self.epochs)
         if self.is_main:
