@@ -153,7 +153,7 @@ def mode_ddp(info) -> dict:
     return out
 
 
-STEPS, GA, N_PER_STEP, LR = 4, 2, 6, 1e-2
+STEPS, GA, N_PER_STEP, LR, SGD_LR = 4, 2, 6, 1e-2, 0.5
 
 
 def _train(wrapped, module, opt, steps, scope="completion", backward=None, step=None) -> list[float]:
@@ -245,7 +245,7 @@ def mode_deepspeed(info) -> dict:
         module = _orpo_student(uniform_chunks=stage == 3)
         names = [n for n, _ in module.named_parameters()]
         cfg = deepspeed_config(stage, micro_batch=N_PER_STEP // (GA * info.world), grad_accum=GA, lr=LR,
-                               world=info.world)
+                               weight_decay=0.01, world=info.world)  # torch AdamW's default, as DDP's
         engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=cfg)
         grad_first: list[float] = []
         losses = []
@@ -266,7 +266,47 @@ def mode_deepspeed(info) -> dict:
         out[f"zero{stage}"] = losses
         out[f"zero{stage}_grad"] = grad_first
         del engine
+    sgd_mod = _orpo_student()
+    sgd = DDP(sgd_mod)
+    out["ddp_sgd"] = _train(sgd, sgd_mod, torch.optim.SGD(sgd.parameters(), lr=SGD_LR), range(STEPS))
+    out["accelerate_zero3"] = _accelerate_zero3(info)
     return out
+
+
+def _accelerate_zero3(info) -> list[float]:
+    """ZeRO-3 through accelerate as the trainer drives it: the launch config's plugin completed by
+    `apply_trainer_settings`, `accumulate` marking DeepSpeed's boundary, `backward(loss, scale_wrt_gas=False)`."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    from orpo_distill.distributed import apply_trainer_settings
+
+    os.environ.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                       "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true", "ACCELERATE_GRADIENT_CLIPPING": "auto"})
+    plugin = DeepSpeedPlugin()  # what `accelerate launch --config_file examples/accelerate/zero3.yaml` builds
+    apply_trainer_settings(plugin.deepspeed_config, micro_batch=N_PER_STEP // (GA * info.world), grad_accum=GA,
+                           max_grad_norm=None, world=info.world)
+    acc = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    assert acc.num_processes == info.world and acc.distributed_type.value == "DEEPSPEED"
+    module = _orpo_student(uniform_chunks=True)
+    # SGD, not Adam: its update is proportional to the gradient, so a wrong loss scale shows in the losses
+    wrapped, opt = acc.prepare(module, torch.optim.SGD(module.parameters(), lr=SGD_LR))
+    assert acc.gradient_accumulation_steps == GA
+    losses = []
+    for s in range(STEPS):
+        xs = items(N_PER_STEP, seed=100 + s)
+        batches = rank_batches(xs, info.world, info.rank, GA)
+        totals = reduce_step_totals(local_totals(batches, "completion"))
+        share_sum = 0.0
+        for b, w in batches:
+            with acc.accumulate(wrapped):
+                loss, _ = wrapped(b, totals, weight=w)
+                acc.backward(loss, scale_wrt_gas=False)
+                opt.step()  # no-ops under DeepSpeed: the engine stepped at the boundary
+                opt.zero_grad()
+            share_sum += float(loss.detach())
+        losses.append(global_loss(share_sum))
+    return losses
 
 
 def main() -> None:
