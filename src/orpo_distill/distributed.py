@@ -8,6 +8,24 @@ gradients over the ranks, so each rank backpropagates `world x` its part of the 
 (`reduce_step_totals` returns totals with `world` set; the losses apply it), and the average is the one-process
 gradient of the global step. DeepSpeed additionally divides each backward by its `gradient_accumulation_steps`:
 call `engine.backward(loss, scale_wrt_gas=False)` (our shares already sum to the step's loss).
+
+One optimiser step, per engine (each verified on 2 CPU processes against one process, tests/test_distributed_*):
+
+    student = ORPOStudent(model, ORPOLoss(...), SFTLoss(...), uniform_chunks=<ZeRO-3>)
+    parts = split_step(step_items, world, rank, grad_accum)          # empty part: stand-in batch, weight=0.0
+    totals = reduce_step_totals(step_totals(this rank's batches, nll_scope))
+    loss, metrics = wrapped(batch, totals, weight=w)                  # never the bare model
+
+- DDP: `wrapped = DDP(student)` or `accelerator.prepare(student)` with `Accelerator(gradient_accumulation_steps=1)`
+  (above 1, accelerate's `backward` divides the loss again); every micro-batch but the last under
+  `wrapped.no_sync()` / `accelerator.no_sync(wrapped)`.
+- FSDP2: `apply_fsdp2(student)`, then the optimiser; `wrapped.set_requires_gradient_sync(last)` reduces once per
+  step; `torch.nn.utils.clip_grad_norm_` clips on the global norm; `full_state_dicts`/`load_full_state_dicts` for
+  checkpoints; generation and scoring on `student.model` inside `unsharded(wrapped)`, same calls on every rank.
+- DeepSpeed through accelerate: `apply_trainer_settings(accelerator.state.deepspeed_plugin.deepspeed_config, ...)`
+  before `prepare` (an `Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])` on CPU); each
+  micro-batch inside `accelerator.accumulate(wrapped)` (it marks DeepSpeed's boundary),
+  `accelerator.backward(loss, scale_wrt_gas=False)`; `optimizer.step()` is then a no-op and DeepSpeed clips.
 """
 
 from __future__ import annotations
