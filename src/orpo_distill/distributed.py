@@ -101,7 +101,10 @@ def _collective_device() -> torch.device:
 def reduce_step_totals(local: StepTotals, group: Any = None) -> StepTotals:
     """The global step's totals from each rank's (`loss.step_totals` over its own micro-batches): items and tokens
     summed over the ranks, `world` set to the group's size, so that the gradient the wrapper averages equals the
-    one-process gradient of the global step. Without a process group: `local` unchanged."""
+    one-process gradient of the global step. Without a process group: `local` unchanged.
+
+    The global step's loss (for logs) is the MEAN over ranks of each rank's summed shares (each is world x its
+    part); a rank whose micro-batches are all stand-ins passes `StepTotals(0, 0)`."""
     if not (dist.is_available() and dist.is_initialized()):
         return local
     t = torch.tensor([local.items, local.tokens], dtype=torch.int64, device=_collective_device())
@@ -115,7 +118,8 @@ def split_step(items: Sequence[int], world: int, rank: int, grad_accum: int) -> 
     The step's items are cut into `world` contiguous shards as even as possible (the first ranks take one more),
     each shard into `grad_accum` micro-batches the same way. Every rank gets exactly `grad_accum` lists, some of
     them empty on a short last step: run such a micro-batch on a stand-in example with `weight=0.0`
-    (`ORPOStudent`), so that every rank makes the same forward/backward calls.
+    (`ORPOStudent`), so that every rank makes the same forward/backward calls, and leave it out of
+    `loss.step_totals` and of the logged metrics.
     """
     if world < 1 or not 0 <= rank < world or grad_accum < 1:
         raise ValueError(f"split_step: need world >= 1, 0 <= rank < world, grad_accum >= 1 "
