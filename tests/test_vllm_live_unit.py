@@ -122,3 +122,39 @@ def test_a_worker_error_reply_is_raised_with_its_message(tmp_path):
     py.chmod(0o755)
     with pytest.raises(vl.EngineError, match=r"vLLM worker, 'start': .*vllm"):
         vl.ProcessEngine(vl.EngineSpec(model="m"), python=py)
+
+
+def test_the_worker_exits_when_its_trainer_is_killed(tmp_path):
+    """kill -9 of the trainer closes the worker's stdin: the worker ends instead of holding the engine's memory."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    if not Path("/proc").is_dir():
+        pytest.skip("reads the worker's state from /proc")
+    parent = tmp_path / "parent.py"
+    parent.write_text(
+        "import subprocess, sys, time\n"
+        "c = subprocess.Popen([sys.executable, '-m', 'orpo_distill.sampling.vllm_live'], stdin=subprocess.PIPE,"
+        " stdout=subprocess.PIPE)\n"
+        "print(c.pid, flush=True)\n"
+        "time.sleep(120)\n")
+    p = subprocess.Popen([sys.executable, str(parent)], stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+
+    def alive() -> bool:
+        try:
+            state = open(f"/proc/{child}/status").read().split("State:")[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return False
+        return state not in ("Z", "X")
+
+    for _ in range(200):
+        if not alive():
+            break
+        time.sleep(0.1)
+    assert not alive()
