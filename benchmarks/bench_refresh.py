@@ -10,7 +10,7 @@ needs head size >= 32; the demo student's own tokenizer) it times:
 - greedy evaluation of 200 synthetic-task questions (80 new tokens) through the live engine vs the
   transformers backend (`HFGenerator`), and whether their predictions are equal.
 vLLM runs in the vLLM environment (`make vllm-venv`; --vllm-python or ORPO_DISTILL_VLLM_PYTHON), this script in the
-main one. Prints a table and writes JSON (default runs/bench_refresh.json).
+main one; both on `--threads` CPU threads (default 1; vLLM's threads unbound, see `vllm_live.LiveStudent`). Prints a table and writes JSON (default runs/bench_refresh.json).
 
     python benchmarks/bench_refresh.py --vllm-python .venv-vllm/bin/python     # ~3 minutes on 2 busy cores
 """
@@ -87,9 +87,10 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads of vLLM (unbound) and of torch here")
     ap.add_argument("--json", default=str(REPO / "runs" / "bench_refresh.json"))
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
     from peft import LoraConfig, get_peft_model
 
@@ -113,7 +114,7 @@ def main() -> None:
 
         # 1. Weight push into one live engine, then greedy evaluation: live engine vs transformers.
         t0 = time.perf_counter()
-        with LiveStudent(cfg, tok, python=args.vllm_python, vllm_args=ENGINE_ARGS) as st:
+        with LiveStudent(cfg, tok, python=args.vllm_python, vllm_args=ENGINE_ARGS, threads=args.threads) as st:
             start_s = time.perf_counter() - t0
             times = []
             for r in range(args.refreshes):
@@ -141,7 +142,8 @@ def main() -> None:
                                     LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
         t0 = time.perf_counter()
-        with LiveStudent(cfg, tok, lora_rank=8, python=args.vllm_python, vllm_args=ENGINE_ARGS) as st:
+        with LiveStudent(cfg, tok, lora_rank=8, python=args.vllm_python, vllm_args=ENGINE_ARGS,
+                         threads=args.threads) as st:
             start_s = time.perf_counter() - t0
             times = []
             for r in range(args.refreshes):
@@ -163,7 +165,8 @@ def main() -> None:
             script = Path(tmp) / "new_engine.py"
             script.write_text(NEW_ENGINE_WORKER)
             env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING=mp, VLLM_LOGGING_LEVEL="ERROR",
-                       PYTHONPATH=str(REPO / "src"))
+                       PYTHONPATH=str(REPO / "src"), VLLM_CPU_OMP_THREADS_BIND="nobind",
+                       OMP_NUM_THREADS=str(args.threads))
             proc = subprocess.run([args.vllm_python, str(script), json.dumps(ENGINE_ARGS), *dirs],
                                   capture_output=True, text=True, env=env, timeout=1800)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -176,9 +179,10 @@ def main() -> None:
 
     out = {"model": {"params_M": round(params_m, 2), "hidden": args.hidden, "layers": args.layers,
                      "heads": args.heads, "dtype": "float32"},
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+           "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
+                       "python": sys.version.split()[0]},
            "rows": rows}
-    print(f"\nmodel: {params_m:.2f}M params, fp32, CPU ({os.cpu_count()} cores)\n")
+    print(f"\nmodel: {params_m:.2f}M params, fp32, CPU ({os.cpu_count()} cores, {args.threads} thread(s) each)\n")
     print(f"| {'what':<50} | {'median s':>9} | {'min s':>8} | {'max s':>8} | n |")
     print(f"|{'-' * 52}|{'-' * 11}|{'-' * 10}|{'-' * 10}|---|")
     for r in rows:

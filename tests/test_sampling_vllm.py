@@ -73,7 +73,8 @@ def test_vllm_cpu_engine_samples_through_the_stage(tmp_path, unigram_tokenizer):
     script.write_text(WORKER)
     store = tmp_path / "t.sqlite"
     proc = subprocess.run([str(VLLM_PYTHON), str(script), str(model_dir), str(store), str(Path(__file__).parent)],
-                          capture_output=True, text=True, timeout=900, env=dict(os.environ, VLLM_LOGGING_LEVEL="ERROR", VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+                          capture_output=True, text=True, timeout=900, env=dict(os.environ, VLLM_LOGGING_LEVEL="ERROR", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                                   VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1"))
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-5000:]
     res = json.loads(line[len("RESULT "):])

@@ -50,7 +50,7 @@ def live(tmp_path_factory, unigram_tokenizer):
     model.save_pretrained(d)
     unigram_tokenizer.save_pretrained(d)
     cfg = ModelConfig(model=str(d), backend="vllm", template="plain", dtype="float32")
-    with LiveStudent(cfg, unigram_tokenizer, python=VLLM_PYTHON, vllm_args=ENGINE_ARGS) as student:
+    with LiveStudent(cfg, unigram_tokenizer, python=VLLM_PYTHON, vllm_args=ENGINE_ARGS, threads=1) as student:
         yield student, model, unigram_tokenizer
 
 

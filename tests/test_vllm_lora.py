@@ -48,7 +48,7 @@ def test_lora_refreshes_serve_each_epochs_adapter_like_hf_peft(tmp_path, unigram
     cfg = ModelConfig(model=str(base_dir), backend="vllm", template="plain", dtype="float32")
     msgs = [AddTask().user_message(q) for q in add_questions(4)]
     with LiveStudent(cfg, tok, lora_rank=8, python=VLLM_PYTHON, adapter_dir=tmp_path / "adapters",
-                     vllm_args={"kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 256}) as student:
+                     vllm_args={"kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 256}, threads=1) as student:
         gen = student.generator(model_id="m", revision="r")
         seen = []
         for epoch in (1, 2):

@@ -33,7 +33,7 @@ def test_orpo_mixed_two_epochs_on_the_live_engine_equals_the_transformers_run(tm
     tiny_llama(unigram_tokenizer, hidden=128).save_pretrained(student_dir)  # head size 64 (vLLM CPU: >= 32)
     unigram_tokenizer.save_pretrained(student_dir)
     task, qs = ArithTask(), make_questions(8)
-    over = {"trainer.epochs": 2, "sampling.temperature": 0.0, "sampling.student_k": 1, "student.dtype": "float32",
+    over = {"run.threads": 1, "trainer.epochs": 2, "sampling.temperature": 0.0, "sampling.student_k": 1, "student.dtype": "float32",
             "student.vllm_args": {"kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 256}}
     if lora:
         over.update({"trainer.lora.enabled": True, "trainer.lora.r": 8, "trainer.lr": 3e-2,
