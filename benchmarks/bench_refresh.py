@@ -183,10 +183,10 @@ def main() -> None:
                        "python": sys.version.split()[0]},
            "rows": rows}
     print(f"\nmodel: {params_m:.2f}M params, fp32, CPU ({os.cpu_count()} cores, {args.threads} thread(s) each)\n")
-    print(f"| {'what':<50} | {'median s':>9} | {'min s':>8} | {'max s':>8} | n |")
-    print(f"|{'-' * 52}|{'-' * 11}|{'-' * 10}|{'-' * 10}|---|")
+    print(f"| {'what':<56} | {'median s':>9} | {'min s':>8} | {'max s':>8} | n |")
+    print(f"|{'-' * 58}|{'-' * 11}|{'-' * 10}|{'-' * 10}|---|")
     for r in rows:
-        print(f"| {r['what']:<50} | {r['median_s']:>9.3f} | {r.get('min_s', r['median_s']):>8.3f} | "
+        print(f"| {r['what']:<56} | {r['median_s']:>9.3f} | {r.get('min_s', r['median_s']):>8.3f} | "
               f"{r.get('max_s', r['median_s']):>8.3f} | {r['n']} |")
     for r in rows:
         extra = {k: v for k, v in r.items() if k not in ("what", "median_s", "min_s", "max_s", "n")}
