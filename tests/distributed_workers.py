@@ -23,7 +23,9 @@ from orpo_distill.distributed import (  # noqa: E402
     full_state_dicts,
     init_process_group,
     load_full_state_dicts,
+    load_sharded,
     reduce_step_totals,
+    save_sharded,
     split_step,
     unsharded,
 )
@@ -206,6 +208,7 @@ def mode_fsdp(info, out_dir: Path) -> dict:
         torch.save({"model": model_sd, "optim": optim_sd}, tmp)
         os.replace(tmp, ckpt)  # atomic: a reader never sees half a checkpoint
     torch.distributed.barrier()
+    save_sharded(out_dir / "fsdp_dcp", fsdp, opt)  # one shard per rank
     cont = _train(fsdp, fsdp, opt, range(2, STEPS))
 
     # the trained FSDP2 student, used outside the root's forward (as generation does), equals DDP's
@@ -219,7 +222,14 @@ def mode_fsdp(info, out_dir: Path) -> dict:
     saved = torch.load(ckpt, weights_only=False)
     load_full_state_dicts(resumed_mod, saved["model"], ropt, saved["optim"])
     resumed = _train(resumed_mod, resumed_mod, ropt, range(2, STEPS))
-    return {"ddp": ddp_losses, "fsdp": first + cont, "resumed": resumed,
+
+    # and from the sharded checkpoint
+    c_mod = apply_fsdp2(_orpo_student(seed=7))
+    copt = torch.optim.AdamW(c_mod.parameters(), lr=LR)
+    load_sharded(out_dir / "fsdp_dcp", c_mod, copt)
+    resumed_c = _train(c_mod, c_mod, copt, range(2, STEPS))
+    return {"ddp": ddp_losses, "fsdp": first + cont, "resumed": resumed, "resumed_sharded": resumed_c, "dcp_files": sorted(p.name for p in (out_dir / "fsdp_dcp").iterdir()),
+            "full_state_keys": len(model_sd),
             "logits_diff": float((fsdp_logits - ddp_logits).abs().max()),
             "sharded": sum(p.numel() for p in fsdp.parameters() if hasattr(p, "to_local")
                            and p.to_local().numel() < p.numel()),

@@ -155,3 +155,20 @@ def test_accelerate_configs_launch_as_documented(name, monkeypatch):
 
 def test_student_names_its_shard_units(model):
     assert ORPOStudent(model)._no_split_modules == ["LlamaDecoderLayer"]
+
+
+def test_full_state_dicts_round_trip_in_one_process(unigram_tokenizer):
+    from orpo_distill.distributed import full_state_dicts, load_full_state_dicts
+
+    a = ORPOStudent(tiny_llama(unigram_tokenizer, seed=1, hidden=16, layers=1, vocab_size=97))
+    b = ORPOStudent(tiny_llama(unigram_tokenizer, seed=2, hidden=16, layers=1, vocab_size=97))
+    opt_a = torch.optim.AdamW(a.parameters(), lr=0.1)
+    a(collate(items(2), 0))[0].backward()
+    opt_a.step()
+    model_sd, optim_sd = full_state_dicts(a, opt_a)
+    assert set(hf_state_dict(model_sd)) == set(a.model.state_dict())
+    load_full_state_dicts(b, model_sd)  # weights only
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    opt_b = torch.optim.AdamW(b.parameters(), lr=0.1)
+    load_full_state_dicts(b, model_sd, opt_b, optim_sd)
+    assert opt_b.state_dict()["state"][0]["exp_avg"].equal(opt_a.state_dict()["state"][0]["exp_avg"])

@@ -191,8 +191,9 @@ def unsharded(module: nn.Module) -> Iterator[nn.Module]:
 def full_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None = None
                      ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Unsharded model (and optimiser) state dicts on CPU, for DDP, FSDP2 or a plain module alike (a collective
-    under FSDP2: every rank calls it; rank 0 writes). Keys are those of `module` (`model.` + the HF keys for an
-    `ORPOStudent`; `hf_state_dict` strips that)."""
+    under FSDP2: every rank calls it). Under a process group only rank 0 receives them (the others get empty
+    dicts, so a large model is held once per node, not once per rank); rank 0 writes. Keys are those of `module`
+    (`model.` + the HF keys for an `ORPOStudent`; `hf_state_dict` strips that)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -205,15 +206,53 @@ def full_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None 
 def load_full_state_dicts(module: nn.Module, model_sd: dict[str, Any],
                           optimizer: torch.optim.Optimizer | None = None,
                           optim_sd: dict[str, Any] | None = None) -> None:
-    """Load what `full_state_dicts` returned into a (sharded or plain) module and optimiser; every rank calls it
-    with the same full state dicts (each keeps its own shard)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+    """Load what `full_state_dicts` returned into a (sharded or plain) module and optimiser: every rank calls it
+    with the full dicts (read from rank 0's file) and keeps its own shard. (torch's `broadcast_from_rank0` option,
+    which would spare the other ranks the read, failed here under FSDP2 on gloo with torch 2.13: "c10d.broadcast_
+    does not have a sharding strategy"; for large models use `save_sharded`/`load_sharded`.)"""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     opts = StateDictOptions(full_state_dict=True)
+    set_state_dict(module, optimizer if optimizer is not None else [], model_state_dict=model_sd,
+                   optim_state_dict=optim_sd or {}, options=opts)
+
+
+def save_sharded(path: str | os.PathLike[str], module: nn.Module,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Each rank writes its own shard of the model (and optimiser) with torch.distributed.checkpoint into the
+    folder `path` (shared by the ranks); nobody holds a full copy. Write into a temporary folder and rename it on
+    rank 0 after a barrier to make it atomic. `load_sharded` reads it back, also at another world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
     if optimizer is None:
-        set_model_state_dict(module, model_sd, options=opts)
+        state: dict[str, Any] = {"model": get_model_state_dict(module)}
     else:
-        set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
+        model_sd, optim_sd = get_state_dict(module, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    dcp.save(state, checkpoint_id=os.fspath(path))
+
+
+def load_sharded(path: str | os.PathLike[str], module: nn.Module,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Read a `save_sharded` folder into a module (and optimiser) sharded like the one that wrote it or not."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    if optimizer is None:
+        state: dict[str, Any] = {"model": get_model_state_dict(module)}
+        dcp.load(state, checkpoint_id=os.fspath(path))
+        set_model_state_dict(module, state["model"])
+        return
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=os.fspath(path))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def hf_state_dict(model_sd: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
