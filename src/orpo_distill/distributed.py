@@ -20,8 +20,8 @@ One optimiser step, per engine (each verified on 2 CPU processes against one pro
   (above 1, accelerate's `backward` divides the loss again); every micro-batch but the last under
   `wrapped.no_sync()` / `accelerator.no_sync(wrapped)`.
 - FSDP2: `apply_fsdp2(student)`, then the optimiser; `wrapped.set_requires_gradient_sync(last)` reduces once per
-  step; `torch.nn.utils.clip_grad_norm_` clips on the global norm; `full_state_dicts`/`load_full_state_dicts` for
-  checkpoints; generation and scoring on `student.model` inside `unsharded(wrapped)`, same calls on every rank.
+  step; `torch.nn.utils.clip_grad_norm_` clips on the global norm; checkpoints with `save_sharded`/`load_sharded`
+  (a file per rank) or `full_state_dicts` (gathered on rank 0)/`load_full_state_dicts`; generation and scoring on `student.model` inside `unsharded(wrapped)`, same calls on every rank.
 - DeepSpeed through accelerate: `apply_trainer_settings(accelerator.state.deepspeed_plugin.deepspeed_config, ...)`
   before `prepare` (an `Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])` on CPU); each
   micro-batch inside `accelerator.accumulate(wrapped)` (it marks DeepSpeed's boundary),
