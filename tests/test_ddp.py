@@ -182,3 +182,27 @@ def test_kill_9_of_the_two_process_job_resumes_to_the_uninterrupted_run(two_proc
         assert [e["eval"] for e in _result(two, v)["per_epoch"]] != [] and \
             [e["eval"]["accuracy"] for e in _result(two, v)["per_epoch"]] == \
             [e["eval"]["accuracy"] for e in _result(out, v)["per_epoch"]]
+
+
+def test_accelerate_launch_multi_gpu_on_cpu_equals_torchrun(two_procs, tmp_path):
+    """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` starts two gloo ranks (without
+    ACCELERATE_USE_CPU, --multi_gpu on a CPU machine starts two unrelated processes) and trains as torchrun does."""
+    import shutil
+
+    config, two, _ = two_procs
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed next to this python")
+    out = tmp_path / "acc"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    env.pop("ORPO_DISTILL_TEST_KILL_AT_STEP", None)
+    r = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+                        str(_free_port()), "-m", "orpo_distill", "run", str(config), "--no-progress",
+                        f"run.out_dir={out}", "trainer.grad_accum=1"], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for v in VARIANTS:
+        assert _result(out, v)["processes"] == 2
+        assert [(x["kind"], x["global_step"], x.get("loss"), x.get("eval_accuracy")) for x in _rows(out, v)] == \
+               [(x["kind"], x["global_step"], x.get("loss"), x.get("eval_accuracy")) for x in _rows(two, v)]
+    assert r.stdout.count("wrote ") == 1
