@@ -177,16 +177,20 @@ class EngineCore:
         return {"dtype": self.dtype, "sleep_mode": self.sleep_mode, "start_seconds": self.start_seconds,
                 "lora": bool(self.spec.lora_rank)}
 
-    def push_weights(self, weights: Iterable[tuple[str, Any]]) -> float:
+    def push_weights(self, weights: Iterable[tuple[str, Any]], shapes: dict[str, list[int]] | None = None) -> float:
         """Load new weights (checkpoint names, any dtype/device) into the live engine, then reset the prefix
-        cache; seconds taken."""
+        cache; seconds taken. With `shapes` (name -> shape of every tensor `weights` will yield) the tensors are
+        streamed one at a time (no second copy of the model); without, they are gathered first to be checked."""
         self.wake()
         t0 = time.perf_counter()
-        items = list(weights)
-        check_push(self.expected, {k: list(v.shape) for k, v in items})
+        if shapes is None:
+            weights = list(weights)
+            shapes = {k: list(v.shape) for k, v in weights}
+        check_push(self.expected, shapes)
+        stream = iter(weights)
 
         def reload(worker: Any) -> None:  # runs inside vLLM's worker object (in this process)
-            worker.reload_weights(weights_iterator=iter(items))
+            worker.reload_weights(weights_iterator=stream)
 
         self.llm.collective_rpc(reload)
         self.llm.reset_prefix_cache()
@@ -195,12 +199,10 @@ class EngineCore:
     def push_weights_file(self, path: str) -> float:
         from safetensors import safe_open
 
-        def read() -> Iterator[tuple[str, Any]]:
-            with safe_open(path, framework="pt") as f:
-                for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    yield k, f.get_tensor(k)
-
-        return self.push_weights(read())
+        with safe_open(path, framework="pt") as f:
+            names = list(f.keys())
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in names}
+            return self.push_weights(((k, f.get_tensor(k)) for k in names), shapes=shapes)
 
     def set_adapter(self, path: str | None) -> str | None:
         """Serve the adapter in `path` from now on (None: the base weights), under a new name and id."""
@@ -358,7 +360,8 @@ class ProcessEngine:
 
     def _call(self, msg: dict[str, Any]) -> Any:
         if self.proc.poll() is not None:
-            raise EngineError(f"the vLLM worker has exited (code {self.proc.returncode}; its log is above)")
+            raise EngineError(f"the vLLM worker had exited before {msg.get('cmd')!r} (exit code "
+                              f"{self.proc.returncode}; its log is above)")
         try:
             _send(self.proc.stdin, msg)
             reply = _recv(self.proc.stdout)
@@ -370,7 +373,7 @@ class ProcessEngine:
             raise EngineError(f"vLLM worker, {msg.get('cmd')!r}: {reply['error']}")
         return reply["result"]
 
-    def push_weights(self, weights: Iterable[tuple[str, Any]]) -> float:
+    def push_weights(self, weights: Iterable[tuple[str, Any]], shapes: dict[str, list[int]] | None = None) -> float:
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().contiguous().cpu() for k, v in weights}
@@ -425,18 +428,29 @@ def vllm_importable() -> bool:
 # What the trainer holds: the student's engine for one variant
 # ----------------------------------------------------------------------------------------------------------------
 
-def student_state(model: Any, dtype: str) -> Iterator[tuple[str, Any]]:
-    """The trained weights under their checkpoint names, floating tensors cast to the engine's `dtype`; a tensor
-    that shares storage with an earlier one (a tied LM head) is left out, as `save_pretrained` does."""
-    import torch
-
-    target = getattr(torch, dtype)
+def _unique_state(model: Any) -> Iterator[tuple[str, Any]]:
+    """`model.state_dict()` without a tensor that shares storage with an earlier one (a tied LM head), as
+    `save_pretrained` leaves it out."""
     seen: set[tuple[int, int]] = set()
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
+        if key not in seen:
+            seen.add(key)
+            yield name, t
+
+
+def student_shapes(model: Any) -> dict[str, list[int]]:
+    """Name -> shape of every tensor `student_state` yields (nothing is copied)."""
+    return {k: list(t.shape) for k, t in _unique_state(model)}
+
+
+def student_state(model: Any, dtype: str) -> Iterator[tuple[str, Any]]:
+    """The trained weights under their checkpoint names, floating tensors cast to the engine's `dtype` one at a
+    time, as they are consumed; a tied LM head is left out (`_unique_state`)."""
+    import torch
+
+    target = getattr(torch, dtype)
+    for name, t in _unique_state(model):
         t = t.detach()
         yield name, (t.to(target) if t.is_floating_point() else t)
 
@@ -494,7 +508,7 @@ class LiveStudent:
             model.save_pretrained(str(path), safe_serialization=True)
             self.engine.set_adapter(str(path))
         else:
-            self.engine.push_weights(student_state(model, self.engine.dtype))
+            self.engine.push_weights(student_state(model, self.engine.dtype), shapes=student_shapes(model))
         self.last_refresh_s = time.perf_counter() - t0
         return self.last_refresh_s
 
