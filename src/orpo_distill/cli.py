@@ -232,7 +232,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     preflight(cfg, stages=("train",), variants=args.variant, seeds=seeds)
     with store_errors(store_path(cfg)):
         results = run_train(cfg, variants=args.variant, seeds=seeds, progress=not args.no_progress)
-    for r in results:
+    from .distributed import dist_info
+
+    for r in results if dist_info().is_main else []:  # under torchrun / accelerate launch: printed once
         print(summarize(r))
     return 0
 
