@@ -131,17 +131,22 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: str | os.PathLike[str], name: str, *, model: torch.nn.Module, optimizer: Any,
-                    state: dict[str, Any], scaler: Any = None, keep: int = 1) -> Path:
-    """Write a checkpoint atomically; keep the newest `keep` checkpoints. Returns its folder."""
+def save_checkpoint(root: str | os.PathLike[str], name: str, *, model: torch.nn.Module | None, optimizer: Any,
+                    state: dict[str, Any], scaler: Any = None, keep: int = 1,
+                    tensors: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint atomically; keep the newest `keep` checkpoints. Returns its folder.
+
+    `tensors` / `optimizer_state` replace `trainable_state(model)` / `optimizer.state_dict()` (sharded training:
+    the full state dicts gathered on rank 0)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file(tensors if tensors is not None else trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     full = dict(state)
@@ -175,3 +180,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, model: torch.nn.Module, opt
     if restore_rng:
         set_rng_state(state["rng"])
     return state
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(state, trainable tensors, optimiser state dict) of a checkpoint, without loading them anywhere (sharded
+    training loads them into its shards itself)."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    return (state, load_file(str(path / "trainable.safetensors")),
+            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))

@@ -46,6 +46,7 @@ from .checkpoint import (
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
+    read_checkpoint,
     rng_fork,
     rng_state,
     save_checkpoint,
@@ -111,6 +112,14 @@ def make_accelerator(cfg: Config) -> Any:
     except ValueError:  # an earlier variant in this process used another precision: accelerate keeps one state
         AcceleratorState._reset_state(True)
         return Accelerator(cpu=cpu, mixed_precision=mp)
+
+
+def fsdp2_requested() -> bool:
+    """Whether the launcher asked for sharded training: an accelerate FSDP config (`accelerate launch
+    --use_fsdp`, or `ACCELERATE_USE_FSDP=true` under torchrun) with FSDP version 2. The recipe shards with
+    `torch.distributed.fsdp.fully_shard` itself (`distributed.apply_fsdp2`), on CPU (gloo) as on GPU."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+            and os.environ.get("FSDP_VERSION", "2") == "2")
 
 
 def build_model(cfg: Config, device: torch.device) -> tuple[Any, Any]:
@@ -333,14 +342,25 @@ class DistillRecipe:
         cfg, tc = self.cfg, self.cfg.trainer
         acc = self.accelerator
         model, self.tokenizer = build_model(cfg, acc.device)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
-        self.scheduler = DistillSchedule(optimizer, tc.lr_scheduler)
         orpo = ORPOLoss(cfg.objective.lam, cfg.objective.nll_scope, cfg.objective.nll_reduction,
                         cfg.objective.chunk_size)
         sft = SFTLoss(cfg.objective.nll_scope, cfg.objective.nll_reduction, cfg.objective.chunk_size)
-        # the loss runs inside the module the wrapper prepares (DDP's gradient hooks see it)
-        self.model, self.optimizer = acc.prepare(ORPOStudent(model, orpo, sft), optimizer)
+        self.fsdp2 = self.world > 1 and fsdp2_requested()
+        self._replica: Any = None
+        if self.fsdp2:  # shard first: the optimiser is built over the sharded (DTensor) parameters
+            from .distributed import apply_fsdp2
+
+            student = apply_fsdp2(ORPOStudent(model, orpo, sft))
+            self.params = [p for p in student.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+            self.scheduler = DistillSchedule(optimizer, tc.lr_scheduler)
+            self.model, self.optimizer = student, optimizer
+        else:
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+            self.scheduler = DistillSchedule(optimizer, tc.lr_scheduler)
+            # the loss runs inside the module the wrapper prepares (DDP's gradient hooks see it)
+            self.model, self.optimizer = acc.prepare(ORPOStudent(model, orpo, sft), optimizer)
         self.raw_model = model
         self.pad_id = self.tokenizer.pad_token_id
         self.evaluator = self.custom_evaluator or (
@@ -356,6 +376,23 @@ class DistillRecipe:
         from .sharded import ShardedGenerator
 
         return ShardedGenerator(gen) if self.world > 1 else gen
+
+    def plain_student(self) -> Any:
+        """The HF student with its full current weights, usable by one process (generation, scoring, export).
+        DDP: the model itself. FSDP2: every rank gathers the full weights (a collective: every rank calls it)
+        into a plain replica built once (outside the training RNG streams)."""
+        if not self.fsdp2:
+            return self.raw_model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from .distributed import hf_state_dict
+
+        full = hf_state_dict(get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True)))
+        if self._replica is None:
+            with rng_fork():
+                self._replica = build_model(self.cfg, self.accelerator.device)[0]
+        self._replica.load_state_dict(full)
+        return self._replica
 
     def _setup_data(self) -> None:
         cfg, spec = self.cfg, self.spec
@@ -404,8 +441,11 @@ class DistillRecipe:
                 raise UserError(f"{ckpt} was written with another config (hash {saved.get('identity_hash')}, now "
                                 f"{fp['identity_hash']}: {_changed(saved.get('settings'), fp['settings']['weights'])}"
                                 f"); resume with the same config and overrides, or remove {self.out} to start over")
-            self.state = load_checkpoint(ckpt, model=self.raw_model, optimizer=self.optimizer,
-                                         scaler=self.accelerator.scaler)
+            if self.fsdp2:
+                self.state = self._load_sharded(ckpt)
+            else:
+                self.state = load_checkpoint(ckpt, model=self.raw_model, optimizer=self.optimizer,
+                                             scaler=self.accelerator.scaler)
             ranks = self.state.get("rng_by_rank")
             if self.world > 1 and ranks and len(ranks) == self.world:
                 set_rng_state(ranks[self.rank])
@@ -421,17 +461,28 @@ class DistillRecipe:
                                  self.state["log_lines"] if ckpt else None, self.state["global_step"])
         self.plan = self._restore_plan(self.state["plan"]) if self.state["plan"] else None
 
+    def _load_sharded(self, ckpt: Path) -> dict[str, Any]:
+        """FSDP2: every rank loads the checkpoint's full trainable weights and optimiser state into its shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state, tensors, optim = read_checkpoint(ckpt)
+        set_state_dict(self.model, self.optimizer, model_state_dict={f"model.{k}": v for k, v in tensors.items()},
+                       optim_state_dict=optim, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_rng_state(state["rng"])
+        return state
+
     # ---------------------------------------------------------------------------------------------- the epoch plan
 
     def _scorer(self, prompt_ids: list[int], completions: list[list[int]]) -> list[float]:
-        was = self.raw_model.training
-        self.raw_model.eval()
+        model = self.plain_student()
+        was = model.training
+        model.eval()
         try:
             with self.accelerator.autocast():
-                return mean_logps(self.raw_model, prompt_ids, completions, self.pad_id,
+                return mean_logps(model, prompt_ids, completions, self.pad_id,
                                   batch_size=self.cfg.trainer.batch_size, chunk_size=self.cfg.objective.chunk_size)
         finally:
-            self.raw_model.train(was)
+            model.train(was)
 
     def plan_epoch(self, epoch: int) -> dict[str, Any]:
         """This epoch's pool, examples and optimiser steps (each a list of example indices, the global batch),
@@ -555,7 +606,9 @@ class DistillRecipe:
                     cpu_batch, weight = collate([examples[step[0]]], self.pad_id), 0.0
                 batch = {k: v.to(acc.device) for k, v in cpu_batch.items()}
                 last = j == len(micro) - 1  # gradients are synchronised once per step, on its last micro-batch
-                with contextlib.nullcontext() if last or self.world == 1 else acc.no_sync(self.model):
+                if self.fsdp2:
+                    self.model.set_requires_gradient_sync(last)
+                with contextlib.nullcontext() if last or self.world == 1 or self.fsdp2 else acc.no_sync(self.model):
                     loss, m = self.loss_step(batch, totals, weight)
                     acc.backward(loss)
                 if weight == 0.0:
@@ -565,7 +618,10 @@ class DistillRecipe:
                 per_mb.append({**{k: float(v) for k, v in m.items()}, "_weight": float(len(mb))})
             metrics, tokens, n_bad = self._step_metrics(per_mb, mb_losses, tokens)
             grad_norm = None
-            if tc.max_grad_norm is not None:
+            if self.fsdp2:  # the global norm over the DTensor gradients (clipped, or only measured)
+                norm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm or float("inf"))
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            elif tc.max_grad_norm is not None:
                 grad_norm = float(acc.clip_grad_norm_(self.params, tc.max_grad_norm))
             elif acc.scaler is None:  # measured (not clipped) so that a divergence is caught
                 grad_norm = _grad_norm(self.params)
@@ -628,13 +684,14 @@ class DistillRecipe:
 
         t0 = time.perf_counter()
         questions = [self.questions_by_id[q] for q in ids]
+        model = self.plain_student()
         with self._live_student():
             if not self.is_main:
                 rev = student_revision(self.cfg, self.variant, self.seed, epochs_trained)
-                follow(student_generator(self.cfg, self.raw_model, self.tokenizer, rev, self.cfg.student.batch_size))
+                follow(student_generator(self.cfg, model, self.tokenizer, rev, self.cfg.student.batch_size))
                 return
             with lead():
-                rep = self.sample_fn(self.raw_model, self.tokenizer, epochs_trained, questions)
+                rep = self.sample_fn(model, self.tokenizer, epochs_trained, questions)
         self.costs["sample_seconds"] += time.perf_counter() - t0
         d = rep.as_dict() if hasattr(rep, "as_dict") else {}
         if d.get("sampled", 1):  # a resumed run finds them in the store: not sampled twice, not counted twice
@@ -651,13 +708,14 @@ class DistillRecipe:
         if self.evaluator is None:
             return None
         t0 = time.perf_counter()
+        model = self.plain_student()
         with self._live_student():
             if not self.is_main:
                 rev = student_revision(self.cfg, self.variant, self.seed, epoch)
-                follow(student_generator(self.cfg, self.raw_model, self.tokenizer, rev, self.cfg.eval.batch_size))
+                follow(student_generator(self.cfg, model, self.tokenizer, rev, self.cfg.eval.batch_size))
                 return None
             with lead():
-                res = self.evaluator(self.raw_model, self.tokenizer, epoch)
+                res = self.evaluator(model, self.tokenizer, epoch)
         self.costs["eval_seconds"] += time.perf_counter() - t0
         _write_predictions(res, self.out / "predictions" / f"{name}.jsonl")
         return _eval_summary(res)
@@ -666,8 +724,8 @@ class DistillRecipe:
 
     def _check_finite_weights(self, step: int, epoch: int) -> None:
         """Refuse to write a checkpoint or model with a NaN/inf weight (a last guard behind the per-step check);
-        every rank holds the same weights, so every rank decides the same."""
-        for name, p in self.raw_model.named_parameters():
+        every rank holds the same (full) weights, so every rank decides the same."""
+        for name, p in self.plain_student().named_parameters():
             if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
                 raise _diverged(self.cfg, self.variant, self.seed, step, epoch, (f"weight {name}", "non-finite"),
                                 self.out)
@@ -684,11 +742,18 @@ class DistillRecipe:
             ranks: list[Any] = [None] * self.world
             torch.distributed.all_gather_object(ranks, rng_state())
             state["rng_by_rank"] = ranks
+        tensors = optim = None
+        if self.fsdp2:  # the full (unsharded) model and optimiser state, gathered on rank 0 (a collective)
+            from .checkpoint import trainable_state
+            from .distributed import full_state_dicts
+
+            _, optim = full_state_dicts(self.model, self.optimizer)
+            tensors = trainable_state(self.plain_student())
         if self.is_main:
             state["log_lines"] = self.logger.lines if self.logger is not None else None
             save_checkpoint(self.out / "checkpoints", checkpoint_name(state["global_step"], epoch_end),
                             model=self.raw_model, optimizer=self.optimizer, state=state,
-                            scaler=self.accelerator.scaler)
+                            scaler=self.accelerator.scaler, tensors=tensors, optimizer_state=optim)
         self.barrier()
 
     # ---------------------------------------------------------------------------------------------- the loop
@@ -746,10 +811,12 @@ class DistillRecipe:
             "per_epoch": history, "final_eval": history[-1].get("eval") if history else None,
             "sampling": self.sample_reports, "costs": self.costs, "model_dir": str(self.out / "model"),
             "processes": self.world,  # data-parallel ranks it was trained on (the numbers do not depend on it)
+            "engine": "fsdp2" if self.fsdp2 else "ddp" if self.world > 1 else "single",
         }
         self._check_finite_weights(self.state["global_step"], self.epochs)
+        final = self.plain_student()  # FSDP2: the full weights gathered (every rank)
         if self.is_main:
-            save_hf_model(self.raw_model, self.tokenizer, self.out / "model", merge_lora=tc.lora.merge_on_save,
+            save_hf_model(final, self.tokenizer, self.out / "model", merge_lora=tc.lora.merge_on_save,
                           card=model_card(cfg, self.variant, self.seed, result), inplace=True)
             if self.logger is not None:
                 self.logger.close()
