@@ -24,6 +24,12 @@ over the ranks, `distributed.reduce_step_totals`), so the averaged gradient, the
 one process's with the same global batch; logged metrics are reduced over the ranks. Only rank 0 writes files
 (store, pools, logs, predictions, checkpoints, model, result.json); the others wait at barriers. In one process
 every collective is skipped and the arithmetic is exactly the single-process trainer's.
+
+FSDP2 (when the launcher asks for it, `fsdp2_requested`): the ORPOStudent is sharded with `fully_shard` instead
+of wrapped in DDP; the step is the same. Checkpoints hold the full model and optimiser state gathered on rank 0
+(the same files as DDP's) and load back into the shards; sampling, evaluation, hardest-negative scoring and the
+export use a plain replica loaded with the gathered full weights (`plain_student`), so they need one full copy of
+the student per rank while they run.
 """
 
 from __future__ import annotations
