@@ -406,3 +406,30 @@ def test_grad_accum_equals_one_batch_with_a_ragged_last_micro_batch(tmp_path, ti
     for g, wa, wb in zip(grads["one"], after["one"], after["accum"]):
         sure = g.abs() > 1e-4 * float(ga.abs().max())
         assert torch.allclose(wa[sure], wb[sure], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the schedule object
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedule_object_gives_lr_factor_values_and_follows_a_reestimated_length(kind):
+    """The LR schedule is a torch scheduler (an engine such as DeepSpeed can step it) with exactly
+    peak x lr_factor(step) at every optimiser step, also after its length is re-estimated at an epoch start."""
+    import torch
+
+    from orpo_distill.recipe import DistillSchedule
+    from orpo_distill.train import lr_factor
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=2e-3)
+    sched = DistillSchedule(opt, kind)
+    assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)
+    sched.set_length(10, 2, 0)
+    got = []
+    for step in range(10):
+        if step == 5:
+            sched.set_length(14, 2, 5)  # the next epoch has more pairs: a longer schedule
+        got.append(opt.param_groups[0]["lr"])
+        p.grad = torch.ones_like(p)
+        opt.step()
+        sched.step()
+    assert got == [2e-3 * lr_factor(k, 10 if k < 5 else 14, 2, kind) for k in range(10)]
