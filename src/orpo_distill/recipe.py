@@ -580,6 +580,7 @@ class DistillRecipe:
             state["total_steps"] = state["global_step"] + len(steps) * (self.epochs - epoch + 1)
             state["epoch_sums"], state["epoch_counts"] = {}, {}
         self.scheduler.set_length(state["total_steps"], state["warmup_steps"], state["global_step"])
+        self._replica = None  # FSDP2: no full copy of the student is held while the shards train
         state["epoch"] = epoch
         self.model.train()
         sums: dict[str, float] = state["epoch_sums"]  # this epoch's running metric sums (kept in checkpoints)
@@ -730,11 +731,19 @@ class DistillRecipe:
 
     def _check_finite_weights(self, step: int, epoch: int) -> None:
         """Refuse to write a checkpoint or model with a NaN/inf weight (a last guard behind the per-step check);
-        every rank holds the same (full) weights, so every rank decides the same."""
-        for name, p in self.plain_student().named_parameters():
-            if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
-                raise _diverged(self.cfg, self.variant, self.seed, step, epoch, (f"weight {name}", "non-finite"),
-                                self.out)
+        under DDP every rank holds the same weights, under FSDP2 the ranks share what their shards show."""
+        bad = None
+        for name, p in self.raw_model.named_parameters():
+            local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()  # FSDP2: this rank's shard
+            if p.requires_grad and not bool(torch.isfinite(local).all()):
+                bad = name
+                break
+        if self.fsdp2:  # each rank saw its own shards: all of them decide on the union
+            names: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(names, bad)
+            bad = next((n for n in names if n), None)
+        if bad is not None:
+            raise _diverged(self.cfg, self.variant, self.seed, step, epoch, (f"weight {bad}", "non-finite"), self.out)
 
     def save_checkpoint(self, epoch_end: bool) -> None:
         """Rank 0 writes the checkpoint atomically (DDP: the state is replicated), with every rank's RNG states."""
@@ -750,11 +759,11 @@ class DistillRecipe:
             state["rng_by_rank"] = ranks
         tensors = optim = None
         if self.fsdp2:  # the full (unsharded) model and optimiser state, gathered on rank 0 (a collective)
-            from .checkpoint import trainable_state
-            from .distributed import full_state_dicts
+            from .distributed import full_state_dicts, hf_state_dict
 
-            _, optim = full_state_dicts(self.model, self.optimizer)
-            tensors = trainable_state(self.plain_student())
+            model_sd, optim = full_state_dicts(self.model, self.optimizer)
+            trainable = {n for n, p in self.raw_model.named_parameters() if p.requires_grad}
+            tensors = {k: v.contiguous() for k, v in hf_state_dict(model_sd).items() if k in trainable}
         if self.is_main:
             state["log_lines"] = self.logger.lines if self.logger is not None else None
             save_checkpoint(self.out / "checkpoints", checkpoint_name(state["global_step"], epoch_end),
