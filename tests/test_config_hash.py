@@ -5,26 +5,14 @@ change the trained weights change it; eval keys change the eval fingerprint only
 from __future__ import annotations
 
 import pytest
-from pydantic import BaseModel
 
 from orpo_distill.config import Config, config_from_dict
 
 
-def _leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
-    out = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out += _leaves(ann, f"{prefix}{name}.")
-        else:
-            out.append(prefix + name)
-    return out
-
-
 def test_every_config_key_is_classified():
-    from orpo_distill.train import HASH_CLASSES
+    from orpo_distill.train import HASH_CLASSES, config_leaves
 
-    leaves = _leaves(Config)
+    leaves = config_leaves(Config)
     missing = [k for k in leaves if k not in HASH_CLASSES]
     assert not missing, f"decide whether these keys change the trained weights (train.HASH_CLASSES): {missing}"
     assert not set(HASH_CLASSES) - set(leaves), "HASH_CLASSES names keys the config no longer has"
