@@ -110,6 +110,11 @@ def make_accelerator(cfg: Config) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    unsupported = unsupported_engine()
+    if unsupported:
+        raise UserError(f"{unsupported} is not driven by the trainer yet (its step is verified at module level only): "
+                        "launch with DDP (torchrun, or examples/accelerate/ddp.yaml) or FSDP2 "
+                        "(examples/accelerate/fsdp2.yaml) instead")
     dev = cfg.student.device
     cpu = dev == "cpu" or (dev == "auto" and not torch.cuda.is_available())
     mp = _mixed_precision(cfg, "cpu" if cpu else "cuda")
@@ -118,6 +123,16 @@ def make_accelerator(cfg: Config) -> Any:
     except ValueError:  # an earlier variant in this process used another precision: accelerate keeps one state
         AcceleratorState._reset_state(True)
         return Accelerator(cpu=cpu, mixed_precision=mp)
+
+
+def unsupported_engine() -> str | None:
+    """The launcher's engine when the recipe cannot run it correctly (it would train with another loss scale or
+    clipping than configured): DeepSpeed (`accelerate launch --use_deepspeed` / a zero config) or FSDP version 1."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        return "DeepSpeed (ACCELERATE_USE_DEEPSPEED)"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and os.environ.get("FSDP_VERSION", "2") != "2":
+        return f"FSDP version {os.environ.get('FSDP_VERSION')} (FSDP_VERSION)"
+    return None
 
 
 def fsdp2_requested() -> bool:
