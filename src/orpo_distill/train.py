@@ -482,12 +482,28 @@ def run_train(cfg: Config, *, variants: Sequence[str] | None = None, seeds: Sequ
     # under a launcher only rank 0 writes the store (sharded sampling, sharded.py); the others read it
     from .distributed import dist_info
 
+    # student.backend vllm, one process: one live engine per variant x seed for its refreshes and evaluations
+    # (weights pushed in place, LoRA adapters per epoch; sampling/vllm_live.py), built at its first use so finished
+    # variants cost nothing. Under a launcher the ranks share generation through sharded.py instead.
+    live = cfg.student.backend == "vllm" and dist_info().world == 1
     with TraceStore(path, readonly=not dist_info().is_main) as store:
         check_traces(cfg, store, variants, [str(q.id) for q in train_q])
         for v in variants:
             for s in seeds:
-                results.append(train_variant(cfg, v, s, variant_dir(cfg, v, s), task=task, train_questions=train_q,
-                                             eval_questions=eval_q, store=store, progress=progress))
+                hooks, kw = None, {}
+                if live:
+                    from .sampling.vllm_live import StudentEngineHooks
+
+                    hooks = StudentEngineHooks(cfg, v, s, task=task, store=store, eval_questions=eval_q,
+                                               progress=progress)
+                    kw = {"sampler": hooks.sample, "evaluator": hooks.evaluate}
+                try:
+                    results.append(train_variant(cfg, v, s, variant_dir(cfg, v, s), task=task,
+                                                 train_questions=train_q, eval_questions=eval_q, store=store,
+                                                 progress=progress, **kw))
+                finally:
+                    if hooks is not None:
+                        hooks.close()
     return results
 
 
