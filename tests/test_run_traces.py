@@ -90,3 +90,30 @@ def test_the_query_names_the_revision_the_sampler_records(tiny_llama_dir):
                 ModelConfig(model=str(tiny_llama_dir), device="cpu", template="plain", system_prompt="Be brief.")):
         gen = HFGenerator.from_config(cfg)
         assert model_revision(cfg) == (gen.model_id, gen.revision)
+
+
+def test_an_unpinned_hub_model_is_identified_by_its_cached_commit(tmp_path, monkeypatch):
+    """transformers 5 no longer records the resolved commit on the config: the identity reads it from the local
+    Hugging Face cache, so a model updated upstream (a new commit in the cache) does not reuse the old traces; a
+    model behind an API stays "unpinned"."""
+    import huggingface_hub.constants as hf_constants
+
+    from orpo_distill.config import config_from_dict
+    from orpo_distill.sampling.stage import model_identity
+
+    def cache(commit: str) -> None:
+        repo = tmp_path / "hub" / "models--org--tiny"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = config_from_dict({"teacher": {"model": "org/tiny", "backend": "hf"}, "student": {"model": "s"}})
+    assert model_identity(cfg.teacher)[1] == "unpinned"  # not cached yet
+    cache("a" * 40)
+    assert model_identity(cfg.teacher)[1] == "a" * 40
+    cache("b" * 40)  # the model was updated upstream and downloaded again
+    assert model_identity(cfg.teacher)[1] == "b" * 40
+    api = config_from_dict({"teacher": {"model": "org/tiny", "backend": "openai"}, "student": {"model": "s"}})
+    assert model_identity(api.teacher)[1] == "unpinned"

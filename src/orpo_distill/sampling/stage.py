@@ -320,11 +320,25 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _cached_hub_commit(repo_id: str) -> str | None:
+    """The commit of a hub model as the local Hugging Face cache resolves it (what a load without a pinned
+    revision uses), or None when the model is not cached or the name is not a repo id. transformers 5 no longer
+    records it on the loaded config, and without it a model updated upstream would reuse the old model's traces."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        got = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - not a repo id (an API model name), no cache: the revision stays unpinned
+        return None
+    return Path(got).parent.name if isinstance(got, str) else None
+
+
 def model_identity(cfg, *, checkpoint: str | None = None, model: Any = None) -> tuple[str, str]:
     """(model_id, revision) recorded with every trace and part of its key.
 
-    revision: the configured `revision`; else a content fingerprint of a local folder/checkpoint; else the hub
-    commit transformers resolved; else "unpinned". A non-default prompt format (template, system prompt) is
+    revision: the configured `revision`; else a content fingerprint of a local folder/checkpoint; else, for a hub
+    model loaded in-process (hf, vllm), the commit the local Hugging Face cache resolves; else "unpinned" (a model
+    behind an API). A non-default prompt format (template, system prompt) is
     appended, because it changes what the model writes and must not reuse traces sampled without it.
     """
     model_id = cfg.model + (f"::{cfg.gguf_file}" if cfg.gguf_file else "")
@@ -334,7 +348,9 @@ def model_identity(cfg, *, checkpoint: str | None = None, model: Any = None) -> 
     elif checkpoint or (cfg.model and local.exists()):
         rev = ("ckpt:" if checkpoint else "local:") + _fingerprint(local)
     else:
-        rev = getattr(getattr(model, "config", None), "_commit_hash", None) or "unpinned"
+        rev = (getattr(getattr(model, "config", None), "_commit_hash", None)
+               or (_cached_hub_commit(cfg.model) if cfg.backend in ("hf", "vllm") and cfg.model else None)
+               or "unpinned")
     if cfg.template != "auto" or cfg.system_prompt:
         fmt = hashlib.sha256(f"{cfg.template}\x00{cfg.system_prompt or ''}".encode()).hexdigest()[:12]
         rev += f"+fmt:{fmt}"
