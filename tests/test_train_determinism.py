@@ -4,7 +4,7 @@ The demo's on-policy row changed with the number of torch threads: PyTorch's CPU
 KV-cache decoding step of the live student's sampling) sums in an order that depends on the thread count, and
 inverse-CDF sampling turned the last-bit difference into another token in 1 of 2048 samples, which changed the
 on-policy pool and everything after it. The trainer samples and evaluates the live student under
-`train.invariant_attention`. Here: that context makes decoding attention thread-invariant, the trainer's sampler and
+`sampling.hf.invariant_attention`. Here: that context makes decoding attention thread-invariant, the trainer's sampler and
 evaluator run inside it, and a tiny mixed-policy ORPO variant trained twice (one thread and one set of sampling/eval
 batch sizes; two threads, other batch sizes, right after another variant with another precision and seed in the
 same process, each run with its own store) gives the same losses, pools, evaluations and weights, bit for bit."""
@@ -59,7 +59,7 @@ def test_same_config_and_seed_same_run_whatever_the_process_state(tmp_path, tiny
 
 
 def test_decoding_attention_is_thread_invariant_in_the_trainers_context():
-    from orpo_distill.train import invariant_attention
+    from orpo_distill.sampling.hf import invariant_attention
 
     g = torch.Generator().manual_seed(0)
     for rows, length in ((1, 40), (8, 100), (64, 180)):

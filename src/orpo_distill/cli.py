@@ -463,16 +463,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- the one error path -----------------------------------------------------------------------------------------
 
-def _stage_errors() -> dict[type[BaseException], int]:
-    """The stages' own error classes that are the user's to fix, with their exit codes (until their owners
-    re-parent them under `errors.OrpoDistillError`)."""
-    from .sampling.stage import SamplingAborted
-    from .tasks import TaskDataError
-    from .train import MissingTraces
-
-    return {SamplingAborted: 3, TaskDataError: 2, MissingTraces: 2}
-
-
 def _os_error(e: OSError) -> UserError | None:
     """A full disk or an unwritable path, named, as a user error; None for other OS errors (bugs)."""
     where = f" {e.filename}" if e.filename else ""
@@ -526,11 +516,6 @@ def main(argv: list[str] | None = None) -> int:
         if err is None:
             raise
         return _fail(str(err), err.exit_code, debug)
-    except Exception as e:
-        for cls, code in _stage_errors().items():
-            if isinstance(e, cls):
-                return _fail(str(e), code, debug)
-        raise
 
 
 __all__ = ["ConfigError", "build_parser", "main"]

@@ -67,6 +67,7 @@ from .files import atomic_write_text
 from .loss import ORPOLoss, ORPOStudent, SFTLoss, StepTotals, step_totals
 from .pairs import Encoded, Encoder, Example, Text, build_examples, collate, mean_logps, plan_batches
 from .policy import NegativePolicy, QuestionPool, phi_for_epoch, restore_pools
+from .sampling.hf import invariant_attention
 from .train import (
     KILL_ENV,
     Evaluator,
@@ -75,7 +76,6 @@ from .train import (
     check_finished,
     default_evaluator,
     default_sampler,
-    invariant_attention,
     lr_factor,
     make_loader,
     run_fingerprints,

@@ -17,7 +17,8 @@ Traces are read through run_traces.py: only those of this run's teacher, initial
 refreshed student, by full identity (model id and revision, sampling settings, first k sample indices), so a
 shared store never mixes in another run's traces (`teacher_chosen`, `make_loader`). The live student is sampled
 (`default_sampler`: in-process HF generation, or its saved weights through vLLM) and evaluated
-(`default_evaluator`) with `invariant_attention`, so on CPU what it writes does not depend on the thread count.
+(`default_evaluator`) under `sampling.hf.invariant_attention`, so on CPU what it writes does not depend on the
+thread count.
 The learning rate is the peak times `lr_factor` (linear warm-up, then cosine or linear decay, or constant).
 
 A variant folder ends with `model/` (Hugging Face format, export.py) and `result.json`, written last: its
@@ -28,7 +29,6 @@ the same settings (`config_hash` over the keys classified in `HASH_CLASSES` plus
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -310,23 +310,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def invariant_attention(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """A context in which attention gives the same bits whatever the number of CPU threads.
-
-    PyTorch's CPU scaled-dot-product attention splits the key/value length across threads for a single query
-    token (every KV-cache decoding step), so its sums, and the logits, change in the last bits with
-    `torch.set_num_threads` (1 vs 2 threads: ~1e-7). Inverse-CDF sampling turns such a difference into another
-    token now and then (in the demo, 1 of 2048 live-student samples after epoch 1), the on-policy pool changes
-    and the run drifts. The math backend (matmul + softmax) sums in a fixed order. On GPUs the kernels do not
-    depend on CPU threads, so nothing changes there.
-    """
-    if device.type != "cpu":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 # --------------------------------------------------------------------------------------------------------------
