@@ -59,6 +59,16 @@ def _unigram_tokenizer(vocab_size: int = 300):
                                    unk_token="<unk>")
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny models run faster that way, and on a busy 2-core machine two threads
+    wait on each other. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
     return _bpe_tokenizer()

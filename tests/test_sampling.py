@@ -22,13 +22,7 @@ MESSAGES = ["Tom has 3 apples", "Is the sun a star? The answer is yes or no, and
             "12 - 5", "Which gas do plants take in? (A) oxygen (B) carbon dioxide (C) helium (D) neon"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and a busy 2-core machine makes two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

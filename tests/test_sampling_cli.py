@@ -13,16 +13,7 @@ from fake_openai_server import FakeOpenAIServer, Faults
 from orpo_distill.cli import main
 from orpo_distill.store import TraceStore
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny student samples faster on one thread (and two threads stall each other on a busy 2-core box)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_config(tmp_path, base_url: str, student_dir, **teacher) -> str:
