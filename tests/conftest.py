@@ -59,6 +59,17 @@ def _unigram_tokenizer(vocab_size: int = 300):
                                    unk_token="<unk>")
 
 
+def set_dotted(data: dict, over: dict) -> dict:
+    """`data` with each dotted key of `over` (`"trainer.lr": 1e-3`) set in place, sections created as needed."""
+    for key, value in over.items():
+        node = data
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return data
+
+
 @pytest.fixture
 def one_thread():
     """Torch on one thread for the test: tiny models run faster that way, and on a busy 2-core machine two threads

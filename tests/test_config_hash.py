@@ -5,6 +5,7 @@ change the trained weights change it; eval keys change the eval fingerprint only
 from __future__ import annotations
 
 import pytest
+from conftest import set_dotted
 
 from orpo_distill.config import Config, config_from_dict
 
@@ -21,13 +22,7 @@ def test_every_config_key_is_classified():
 
 def _cfg(**over) -> Config:
     d: dict = {"teacher": {"model": "t", "backend": "openai"}, "student": {"model": "s"}}
-    for key, value in over.items():
-        node = d
-        *path, last = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return config_from_dict(d)
+    return config_from_dict(set_dotted(d, over))
 
 
 COSMETIC = {"trainer.report_to": ["jsonl"], "trainer.save_every_steps": 7, "trainer.log_every_steps": 5,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import set_dotted
 
 from orpo_distill.config import Config
 from orpo_distill.tasks.base import Grade, Question
@@ -64,13 +65,7 @@ def tiny_config(student_dir: Path, out_dir: Path, **over) -> Config:
                     "max_grad_norm": 1.0, "report_to": ["jsonl"], "group_by_length": True},
         "eval": {"max_new_tokens": 8, "batch_size": 8, "every_epoch": True},
     }
-    for key, value in over.items():
-        node = d
-        *path, last = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return config_from_dict(d)
+    return config_from_dict(set_dotted(d, over))
 
 
 def make_store(cfg: Config, questions: list[Question], task: ArithTask, *, teacher_correct=3, teacher_wrong=1,
