@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, \
+    model_validator
 
 from .errors import UserError
 from .secrets import check_env_var_name, check_no_secret, check_url, redact_override
@@ -84,7 +85,12 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="never on unless you ask for it")
     batch_size: int = Field(32, ge=1, description="prompts per generation batch (hf backend halves it on OOM)")
     # OpenAI-compatible HTTP backend
-    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    base_url: str | list[str] | None = Field(
+        None, description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1; a list: replicas serving the "
+        "same model (requests go to the least busy one, a failing one is skipped for `replica_cooldown_s`; the "
+        "traces do not depend on which replica answered)")
+    replica_cooldown_s: float = Field(30.0, ge=0, description="with several base_url: seconds a replica that "
+                                      "failed (connection refused, 5xx, timeout) is skipped while others answer")
     api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API key")
     endpoint: Literal["chat", "completions"] = Field(
         "chat", description="chat: the server applies the model's chat template; completions: the plain template")
@@ -111,9 +117,82 @@ class ModelConfig(_Section):
                 v = data.get(k)
                 if isinstance(v, str):
                     check(v, k)
+                elif k == "base_url" and isinstance(v, list):
+                    if not v:
+                        raise ValueError("base_url: an empty list; give one URL or a list of replica URLs")
+                    for i, u in enumerate(v):
+                        check_url(str(u), f"base_url[{i}]")
                 elif v is not None and k == "api_key_env":
                     check_env_var_name(str(v), k)
         return data
+
+    @property
+    def base_urls(self) -> list[str | None]:
+        """The endpoint replicas: `base_url` as a list (one None when no URL is set)."""
+        return list(self.base_url) if isinstance(self.base_url, list) else [self.base_url]
+
+
+class StudentConfig(ModelConfig):
+    """The student: a model that is trained, and how its live copy is sampled between epochs."""
+
+    vllm_memory_fraction: float = Field(
+        0.5, gt=0, le=1, description="backend vllm: the live engine's share of the memory left free when it is "
+        "built (after the trainer's weights are resident; GPU: gpu_memory_utilization = share x free / total; "
+        "CPU: KV cache = share x available RAM, at most 4 GiB); leave room for the optimiser's state. An explicit "
+        "gpu_memory_utilization or kv_cache_memory_bytes in vllm_args wins")
+
+
+class TeacherConfig(ModelConfig):
+    """One entry of a list of teachers: a model with its own K and sampling settings (unset: `sampling.*`)."""
+
+    name: str | None = Field(None, description="teacher list entry: a label for tables (default: the model)")
+    k: int | None = Field(None, ge=1, description="teacher list entry: traces per question (default: sampling.k)")
+    temperature: float | None = Field(None, ge=0, description="teacher list entry: default sampling.temperature")
+    top_p: float | None = Field(None, gt=0, le=1, description="teacher list entry: default sampling.top_p")
+    max_new_tokens: int | None = Field(None, ge=1, description="teacher list entry: default "
+                                       "sampling.max_new_tokens")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
+
+
+class TeacherList(list):  # noqa: FURB189 - a list that also answers the two labels text about "the teacher" uses
+    """Several teachers (config order). `model` and `backend` are display labels joined with " + " (a model card or
+    a results header naming "the teacher"); code that samples or selects traces walks the entries
+    (`teachers_of`)."""
+
+    @property
+    def model(self) -> str:
+        return " + ".join(t.label for t in self)
+
+    @property
+    def backend(self) -> str:
+        return " + ".join(t.backend for t in self)
+
+
+def _teacher_list(v: list[TeacherConfig]) -> TeacherList:
+    if not v:
+        raise ValueError("an empty list; give one teacher section, or a list of them")
+    # Two entries with the same identity and sampling settings would be the same traces counted twice.
+    seen: dict[tuple, int] = {}
+    for i, t in enumerate(v):
+        ident = (t.model, t.gguf_file, t.revision, t.template, t.system_prompt, t.endpoint, t.temperature,
+                 t.top_p, t.max_new_tokens)
+        if ident in seen:
+            raise ValueError(f"entry [{i}] repeats entry [{seen[ident]}] (same model, revision, prompt format and "
+                             "sampling settings: the same traces); remove it, or raise that entry's k")
+        seen[ident] = i
+    return TeacherList(v)
+
+
+# `teacher:` is one model section (as always) or a list of them; the tag only picks the validator, and error
+# messages drop it (`teacher[1].k`, not `teacher.many.1.k`).
+TeacherField = Annotated[
+    Annotated[ModelConfig, Tag("one")] | Annotated[list[TeacherConfig], AfterValidator(_teacher_list), Tag("many")],
+    Discriminator(lambda v: "many" if isinstance(v, (list, tuple)) else "one"),
+]
+_UNION_TAGS = ("one", "many")
 
 
 class SamplingConfig(_Section):
@@ -228,14 +307,38 @@ class Config(_Section):
 
     run: RunConfig = Field(default_factory=RunConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
-    teacher: ModelConfig = Field(default_factory=ModelConfig)
-    student: ModelConfig = Field(default_factory=ModelConfig)
+    teacher: TeacherField = Field(default_factory=ModelConfig, description="one model section, or a list of "
+                                  "them (several teachers: each with its own K, backend and sampling settings; "
+                                  "their chosen traces are pooled)")
+    student: StudentConfig = Field(default_factory=StudentConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def teachers_of(cfg: Config) -> list[TeacherConfig]:
+    """The configured teachers in config order: a single `teacher:` mapping is one entry whose K and sampling
+    settings all come from `sampling` (the same traces and identity as before lists existed)."""
+    if isinstance(cfg.teacher, list):
+        return list(cfg.teacher)
+    return [TeacherConfig.model_validate(cfg.teacher.model_dump())]
+
+
+def is_multi_teacher(cfg: Config) -> bool:
+    return isinstance(cfg.teacher, list)
+
+
+def section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section class of a field's annotation (the teacher's: `TeacherConfig`, whose keys include the ones a
+    single mapping has); None for a leaf."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if annotation == Config.model_fields["teacher"].annotation:
+        return TeacherConfig
+    return None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -278,63 +381,111 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A pydantic error location without the teacher union's tags ("one"/"many")."""
+    return tuple(p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "teacher" and p in _UNION_TAGS))
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """`("teacher", 1, "k")` -> `teacher[1].k` (an entry of the teacher list; other list items stay `key.0`)."""
+    out = ""
+    for i, p in enumerate(loc):
+        if isinstance(p, int) and i > 0 and loc[i - 1] == "teacher":
+            out += f"[{p}]"
+        else:
+            out += f".{p}" if out else str(p)
+    return out
+
+
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     """The field names allowed at the section that holds `loc` (for 'unknown key' messages)."""
     model: type[BaseModel] = Config
     for part in loc[:-1]:
+        if isinstance(part, int):  # an entry of a list of teachers
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
             return []
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
+        sub = section_model(field.annotation)
+        if sub is None:
             return []
-    return sorted(model.model_fields)
+        model = sub
+    names = set(model.model_fields)
+    if model is TeacherConfig and not (len(loc) > 2 and isinstance(loc[1], int)):
+        names -= set(TeacherConfig.model_fields) - set(ModelConfig.model_fields)  # list-entry keys only
+    return sorted(names)
+
+
+def yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the key (or list entry) at `loc` in YAML `text`, or of its closest existing parent;
+    None when the text does not parse or `loc` is not there at all (a default, an override)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            hit = next(((k, v) for k, v in node.value if getattr(k, "value", None) == str(part)), None)
+            if hit is None:
+                break
+            line, node = hit[0].start_mark.line + 1, hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
 
 
 def _shown_input(value: Any) -> str:
     """The offending value as an error message shows it: scalars and short lists only. A whole section (what a
     section-level check receives) is never echoed: it may hold a secret the check is complaining about."""
-    if isinstance(value, dict):
+    if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value)):
         return ""
     text = repr(value)
     return f" (got {text if len(text) <= 80 else text[:77] + '...'})"
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, text: str | None = None) -> str:
+    """One line per problem, naming the dotted key (`teacher[1].k` in a list of teachers) and, when the config's
+    YAML `text` is given, the line of the file it is on."""
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        loc = _clean_loc(tuple(e["loc"]))
+        key = _dotted(loc) or "(top level)"
+        line = yaml_line(text, loc) if text is not None else None
+        at = f"line {line}: " if line is not None else ""
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc)
-            lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed)}")
+            lines.append(f"  {at}{key}: unknown key; allowed here: {', '.join(allowed)}")
         else:
             msg = str(e["msg"]).removeprefix("Value error, ")
             where = "" if msg.startswith(f"{key}.") else f"{key}: "  # a section's check names its own key
-            lines.append(f"  {where}{msg}{_shown_input(e.get('input'))}")
+            lines.append(f"  {at}{where}{msg}{_shown_input(e.get('input'))}")
     return "\n".join(lines)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", text: str | None = None) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, text)) from None
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from defaults when `path` is None), apply overrides, validate."""
     data: dict[str, Any] = {}
     source = "<defaults>"
+    text: str | None = None
     if path is not None:
         source = str(path)
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+            loaded = yaml.safe_load(text)
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text ({e})") from None
         except yaml.YAMLError as e:
@@ -348,7 +499,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
     if overrides:
         data = apply_overrides(data, overrides)
         source += " + overrides " + " ".join(redact_override(o) for o in overrides)
-    return config_from_dict(data, source)
+    return config_from_dict(data, source, text)
 
 
 def dump_config(cfg: Config) -> str:
@@ -364,8 +515,11 @@ def config_reference() -> str:
         for name, field in model.model_fields.items():
             ann = field.annotation
             key = f"{prefix}{name}"
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, key + ".")
+            sub = section_model(ann)
+            if sub is not None:
+                if field.description:
+                    lines.append(f"| `{key}` | section or list | | {field.description} |")
+                walk(sub, key + ".")
                 continue
             default = field.get_default(call_default_factory=True)
             tname = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")

@@ -208,7 +208,20 @@ def build_results(cfg: Config, trained: Sequence[dict[str, Any]],
             train_cost[k] += entry["costs"][k]
     costs: dict[str, Any] = {**_store_costs(cfg), "training": train_cost}
     return {"task": cfg.task.name, "teacher": cfg.teacher.model, "student": cfg.student.model,
-            "variants": variants, "costs": costs, "config": cfg.model_dump(mode="json")}
+            "teachers": _teacher_stats(cfg), "variants": variants, "costs": costs,
+            "config": cfg.model_dump(mode="json")}
+
+
+def _teacher_stats(cfg: Config) -> list[dict[str, Any]]:
+    """Per configured teacher: traces, correct rate, kept and pooled chosen traces, tokens, cost (stage.py)."""
+    from .sampling.stage import store_path, teacher_stats
+    from .store import TraceStore
+
+    path = store_path(cfg)
+    if not path.is_file():
+        return []
+    with TraceStore(path, readonly=True) as store:
+        return teacher_stats(cfg, store)
 
 
 def validate_result(cfg: Config, result: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
@@ -364,10 +377,10 @@ def _check_data(cfg: Config, splits: Sequence[str], problems: list[str]) -> None
             problems.append(f"the {split} split is empty: {where}; it needs at least one question")
 
 
-def _check_model(cfg: Config, which: str, problems: list[str], *, train: bool = False) -> None:
+def _check_model(cfg: Config, which: str, problems: list[str], *, train: bool = False, mcfg: Any = None) -> None:
     from .models import check_model, resolve_device
 
-    mcfg = getattr(cfg, which)
+    mcfg = mcfg if mcfg is not None else getattr(cfg, which)
     if mcfg.backend == "openai":
         if which == "student" and train:
             problems.append("student.backend: openai cannot be trained; use hf (or vllm for the student's "
@@ -375,7 +388,7 @@ def _check_model(cfg: Config, which: str, problems: list[str], *, train: bool = 
         elif not mcfg.model:
             problems.append(f"{which}.model is not set: give the served model name")
         elif mcfg.api_key_env and not os.environ.get(mcfg.api_key_env):
-            problems.append(f"teacher.api_key_env names the environment variable {mcfg.api_key_env!r}, which is "
+            problems.append(f"{which}.api_key_env names the environment variable {mcfg.api_key_env!r}, which is "
                             "not set (or empty); export it before running")
         return
     try:
@@ -401,7 +414,10 @@ def preflight(cfg: Config, *, stages: Sequence[str] = ("teacher", "student", "tr
               or (st == "student" and any(v in ORPO_STUDENT_NEGATIVES for v in variants))]
     problems: list[str] = []
     if "teacher" in stages:
-        _check_model(cfg, "teacher", problems)
+        from .config import teachers_of
+
+        for i, t in enumerate(teachers_of(cfg)):  # a list of teachers: each one's model, device, key variable
+            _check_model(cfg, "teacher" if len(teachers_of(cfg)) == 1 else f"teacher[{i}]", problems, mcfg=t)
     if "student" in stages or "train" in stages:
         _check_model(cfg, "student", problems, train="train" in stages)
     splits = ["train"] if {"teacher", "student"} & set(stages) or ("train" in stages and needs_teacher) else []

@@ -10,6 +10,16 @@ caller can forget a column.
 The revision is exactly what the samplers record (`sampling.stage.model_identity` without a loaded model): the
 configured `revision`, else a content fingerprint of a local folder, else "unpinned" (a hub or served model
 without a pinned `revision`: pin one to tell its versions apart).
+
+Several teachers (`teacher:` a list): each has its own query (its model identity, K and sampling settings), so
+each one's traces are stored and found under its own identity and adding a teacher never re-samples the others.
+The chosen traces are POOLED (`pooled_chosen`): per question, the teachers in config order, each one's kept
+correct traces in sample-index order (its own ROUGE-L filter was applied when they were sampled), and a trace
+joins the pool unless its ROUGE-L F1 with a trace already in the pool exceeds `sampling.rouge_threshold`. The
+result depends only on the stored traces and the config's order (never on which teacher was sampled first), and
+appending a teacher never changes what the earlier ones contribute. The store's `kept` flags stay per teacher;
+the pooled filter is applied when the traces are read, so it is never written anywhere that a later change of the
+teacher list would make stale. With one teacher it is the stored `kept` flag alone, exactly as before.
 """
 
 from __future__ import annotations
@@ -58,11 +68,74 @@ def _params(cfg: Any, role: str) -> tuple[tuple[tuple[str, Any], ...], int]:
     return _canonical(p.as_dict()), p.n
 
 
+def teacher_queries(cfg: Any) -> list[TraceQuery]:
+    """The traces of each configured teacher (config order), each by its own identity, K and sampling settings."""
+    from .config import teachers_of
+    from .sampling.stage import teacher_params
+
+    out = []
+    for t in teachers_of(cfg):
+        p = teacher_params(cfg, t)
+        model_id, rev = model_revision(t)
+        out.append(TraceQuery("teacher", TEACHER_SOURCE, model_id, rev, _canonical(p.as_dict()), p.n))
+    return out
+
+
 def teacher_query(cfg: Any) -> TraceQuery:
-    """This run's teacher traces."""
-    params, k = _params(cfg, "teacher")
-    model_id, rev = model_revision(cfg.teacher)
-    return TraceQuery("teacher", TEACHER_SOURCE, model_id, rev, params, k)
+    """This run's teacher traces (one teacher; with a list of them use `teacher_queries`)."""
+    qs = teacher_queries(cfg)
+    if len(qs) != 1:
+        raise ValueError("this run has several teachers: use teacher_queries / pooled_chosen")
+    return qs[0]
+
+
+def teacher_identity(cfg: Any) -> Any:
+    """The teachers' resolved identities for run hashes: `[model_id, revision]` for a single `teacher:` mapping
+    (what run hashes always held), a list of them for a list of teachers."""
+    from .config import is_multi_teacher, teachers_of
+
+    if not is_multi_teacher(cfg):
+        return list(model_revision(cfg.teacher))
+    return [list(model_revision(t)) for t in teachers_of(cfg)]
+
+
+def pool_diverse(groups: Sequence[Sequence[Any]], threshold: float) -> list[Any]:
+    """The pooled ROUGE-L filter over one question's traces, `groups` in priority order (a teacher's traces in
+    sample-index order per group): greedy, a trace is kept unless its ROUGE-L F1 with an already kept one exceeds
+    `threshold`. Deterministic for a fixed order; earlier groups are never changed by later ones."""
+    from .sampling.diversity import rouge_l_f1_tokens, rouge_tokens
+
+    kept: list[Any] = []
+    kept_tokens: list[list[str]] = []
+    for group in groups:
+        for t in group:
+            toks = rouge_tokens(t.completion)
+            if all(rouge_l_f1_tokens(toks, k) <= threshold for k in kept_tokens):
+                kept.append(t)
+                kept_tokens.append(toks)
+    return kept
+
+
+def pooled_chosen(store: Any, cfg: Any, question_ids: Iterable[str] | None = None) -> dict[str, list[Any]]:
+    """The chosen traces of each question: every configured teacher's kept correct traces, pooled across teachers
+    with the ROUGE-L filter (see the module docstring), in pool order (teacher order, then sample index)."""
+    qids = None if question_ids is None else [str(x) for x in question_ids]
+    per_teacher: list[dict[str, list[Any]]] = []
+    for q in teacher_queries(cfg):
+        by_q: dict[str, list[Any]] = {}
+        for t in sorted(select(store, q, qids, verdicts=("correct",), kept=True),
+                        key=lambda t: (t.question_id, t.sample_index, t.key)):
+            by_q.setdefault(t.question_id, []).append(t)
+        per_teacher.append(by_q)
+    if len(per_teacher) == 1:
+        return per_teacher[0]
+    threshold = float(cfg.sampling.rouge_threshold)
+    out: dict[str, list[Any]] = {}
+    for qid in sorted({q for by_q in per_teacher for q in by_q}):
+        pool = pool_diverse([by_q.get(qid, []) for by_q in per_teacher], threshold)
+        if pool:
+            out[qid] = pool
+    return out
 
 
 def initial_student_query(cfg: Any) -> TraceQuery:
@@ -109,5 +182,5 @@ def other_revisions(store: Any, q: TraceQuery, question_ids: Iterable[str] | Non
     return sorted({t.revision for t in rows} - {q.revision})
 
 
-__all__ = ["TraceQuery", "initial_student_query", "matches", "model_revision", "other_revisions", "refresh_query",
-           "select", "teacher_query"]
+__all__ = ["TraceQuery", "initial_student_query", "matches", "model_revision", "other_revisions", "pool_diverse",
+           "pooled_chosen", "refresh_query", "select", "teacher_identity", "teacher_queries", "teacher_query"]

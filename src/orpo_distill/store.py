@@ -333,7 +333,9 @@ class TraceStore:
 
     def stats(self) -> dict[str, Any]:
         """Counts per role and source: traces, questions, correct/wrong/unparsed rates, diversity drops,
-        exact duplicates, tokens, length-capped rate; plus usage, errors and cost totals from the runs table."""
+        exact duplicates, tokens, length-capped rate; plus usage, errors and cost totals from the runs table; and
+        `teachers`: per teacher identity (model id + revision) its traces, correct rate, kept correct traces,
+        tokens and what its sampling calls cost."""
         groups: dict[str, Any] = {}
         with self._lock:
             rows = self._db.execute(
@@ -350,6 +352,11 @@ class TraceStore:
                 "SELECT role, source, COUNT(*), SUM(sampled), SUM(errors), SUM(prompt_tokens), "
                 "SUM(completion_tokens), SUM(seconds), SUM(cost_usd), SUM(status != 'ok') "
                 "FROM runs GROUP BY role, source").fetchall()
+            teacher_rows = self._db.execute(
+                "SELECT model_id, revision, COUNT(*) AS n, COUNT(DISTINCT question_id) AS questions, "
+                "SUM(verdict='correct') AS correct, SUM(verdict='correct' AND kept=1) AS kept_correct, "
+                "SUM(n_tokens) AS completion_tokens FROM traces WHERE role='teacher' "
+                "GROUP BY model_id, revision ORDER BY model_id, revision").fetchall()
         for r in rows:
             n = int(r["n"])
             groups[f"{r['role']}/{r['source']}"] = {
@@ -368,9 +375,35 @@ class TraceStore:
                                       "prompt_tokens": r[5] or 0, "completion_tokens": r[6] or 0,
                                       "seconds": r[7] or 0.0, "cost_usd": r[8] or 0.0, "aborted_calls": r[9] or 0}
         total = sum(g["traces"] for g in groups.values())
-        return {"path": str(self.path), "traces": total, "groups": groups, "runs": runs,
+        teachers = []
+        for r in teacher_rows:  # one row per teacher identity (model id + revision) the store holds
+            n = int(r["n"])
+            spent = self.run_totals(role="teacher", model_id=r["model_id"], revision=r["revision"])
+            teachers.append({"teacher": r["model_id"], "model_id": r["model_id"], "revision": r["revision"],
+                             "traces": n, "questions": int(r["questions"]), "correct": int(r["correct"]),
+                             "correct_rate": r["correct"] / n, "kept_correct": int(r["kept_correct"] or 0),
+                             "completion_tokens": int(r["completion_tokens"] or 0),
+                             **{k: spent[k] for k in ("prompt_tokens", "cost_usd", "errors", "calls")}})
+        return {"path": str(self.path), "traces": total, "groups": groups, "runs": runs, "teachers": teachers,
                 "cost_usd": sum(r["cost_usd"] for r in runs.values()),
                 "errors": sum(r["errors"] for r in runs.values())}
+
+    def run_totals(self, *, role: str, model_id: str, revision: str, source: str | None = None) -> dict[str, Any]:
+        """What the sampling calls of one model identity spent (the `runs` table): calls, sampled, errors, tokens,
+        seconds, cost. Calls are recorded per model id and revision, not per sampling setting: two teachers of one
+        model and revision with other temperatures share these totals."""
+        where, args = "role = ? AND model_id = ? AND revision = ?", [role, redact_text(model_id),
+                                                                     redact_text(revision)]
+        if source is not None:
+            where += " AND source = ?"
+            args.append(source)
+        with self._lock:
+            r = self._db.execute(
+                "SELECT COUNT(*), SUM(sampled), SUM(errors), SUM(prompt_tokens), SUM(completion_tokens), "
+                f"SUM(seconds), SUM(cost_usd) FROM runs WHERE {where}", args).fetchone()
+        return {"calls": int(r[0]), "sampled": int(r[1] or 0), "errors": int(r[2] or 0),
+                "prompt_tokens": int(r[3] or 0), "completion_tokens": int(r[4] or 0), "seconds": float(r[5] or 0.0),
+                "cost_usd": float(r[6] or 0.0)}
 
     # -- export ------------------------------------------------------------------------------------------------
     def export_jsonl(self, path: str | Path) -> int:
@@ -416,5 +449,18 @@ def format_stats(stats: dict[str, Any]) -> str:
         for name, r in stats["runs"].items():
             lines.append(f"{name:<22} {r['calls']:>7} {r['sampled']:>9} {r['errors']:>8} {r['prompt_tokens']:>11} "
                          f"{r['completion_tokens']:>10} {r['seconds']:>9.1f} {r['cost_usd']:>9.4f}")
+    teachers = stats.get("teachers") or []
+    if teachers:
+        lines.append("")
+        head = (f"{'teacher':<28} {'k':>3} {'traces':>7} {'correct':>8} {'kept ok':>7} {'pooled':>6} "
+                f"{'compl tok':>10} {'prompt tok':>10} {'errors':>6} {'cost $':>9}")
+        lines += [head, "-" * len(head)]
+        for t in teachers:
+            name = str(t.get("teacher", t.get("model_id", "?")))
+            name = name if len(name) <= 28 else "..." + name[-25:]
+            lines.append(f"{name:<28} {str(t.get('k', '-')):>3} {t['traces']:>7} {t['correct_rate']:>8.1%} "
+                         f"{t['kept_correct']:>7} {str(t.get('pooled_chosen', '-')):>6} "
+                         f"{t['completion_tokens']:>10} {t['prompt_tokens']:>10} {t['errors']:>6} "
+                         f"{t['cost_usd']:>9.4f}")
     lines.append(f"total cost: ${stats['cost_usd']:.4f}; request errors (retried or failed): {stats['errors']}")
     return "\n".join(lines)

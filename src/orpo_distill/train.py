@@ -48,7 +48,7 @@ from .errors import UserError
 from .export import model_card, save_hf_model
 from .pairs import Text
 from .policy import INITIAL, TEACHER
-from .run_traces import initial_student_query, other_revisions, refresh_query, select, teacher_query
+from .run_traces import initial_student_query, other_revisions, pooled_chosen, refresh_query, select, teacher_queries
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,17 @@ HASH_CLASSES: dict[str, str] = {
     **dict.fromkeys([f"teacher.{k}" for k in ("backend", "dtype", "device", "trust_remote_code", "batch_size",
                                               "base_url", "api_key_env", "concurrency", "max_retries", "timeout_s",
                                               "requests_per_minute", "tokens_per_minute", "cost_per_1k_input",
-                                              "cost_per_1k_output", "vllm_args")], "neither"),
+                                              "cost_per_1k_output", "vllm_args", "replica_cooldown_s", "name")],
+                    "neither"),
+    # a list of teachers: each entry's own K and sampling settings decide which traces are trained on
+    **dict.fromkeys([f"teacher.{k}" for k in ("k", "temperature", "top_p", "max_new_tokens")], "weights"),
     # the student: its identity, and how the live student is sampled between epochs (backend, engine arguments)
     **dict.fromkeys([f"student.{k}" for k in ("model", "revision", "gguf_file", "template", "system_prompt",
                                               "endpoint", "backend", "vllm_args", "trust_remote_code")], "weights"),
     **dict.fromkeys([f"student.{k}" for k in ("dtype", "device", "batch_size", "base_url", "api_key_env",
                                               "concurrency", "max_retries", "timeout_s", "requests_per_minute",
-                                              "tokens_per_minute", "cost_per_1k_input", "cost_per_1k_output")],
+                                              "tokens_per_minute", "cost_per_1k_input", "cost_per_1k_output",
+                                              "replica_cooldown_s", "vllm_memory_fraction")],
                     "neither"),
     **dict.fromkeys([f"sampling.{k}" for k in ("k", "student_k", "temperature", "top_p", "max_new_tokens", "stop",
                                                "seed", "rouge_threshold")], "weights"),
@@ -143,11 +147,13 @@ def config_leaves(model: Any = Config, prefix: str = "") -> list[str]:
     """Every leaf key of the config schema, dotted (sections are walked, dict-valued keys are leaves)."""
     from pydantic import BaseModel
 
+    from .config import section_model
+
     out: list[str] = []
     for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out += config_leaves(ann, f"{prefix}{name}.")
+        sub = section_model(field.annotation)  # the teacher (a section or a list of them): its entries' keys
+        if sub is not None and issubclass(sub, BaseModel):
+            out += config_leaves(sub, f"{prefix}{name}.")
         else:
             out.append(prefix + name)
     return out
@@ -161,8 +167,14 @@ def _keys_of_class(cfg: Config, cls: str) -> dict[str, Any]:
         if HASH_CLASSES.get(key, "weights") == cls:
             node: Any = data
             for part in key.split("."):
-                node = node[part]
-            picked[key] = node
+                if isinstance(node, list):  # a list of teachers: the key's value in each entry
+                    node = [entry.get(part) for entry in node]
+                elif part in node:
+                    node = node[part]
+                else:  # a list-entry key (teacher.k, ...) of a single teacher mapping: absent, so the hash of a
+                    break  # single-teacher config is what it was before teacher lists existed
+            else:
+                picked[key] = node
     return picked
 
 
@@ -178,9 +190,9 @@ def config_hash(cfg: Config) -> str:
 def identity_hash(cfg: Config) -> str:
     """`config_hash` plus the resolved identities (model id, revision) of the teacher and the initial student, so
     a model folder updated in place makes another run even with the same config."""
-    from .run_traces import model_revision
+    from .run_traces import model_revision, teacher_identity
 
-    return _short_hash({"config": config_hash(cfg), "teacher": list(model_revision(cfg.teacher)),
+    return _short_hash({"config": config_hash(cfg), "teacher": teacher_identity(cfg),
                         "student": list(model_revision(cfg.student))})
 
 
@@ -205,9 +217,9 @@ def eval_fingerprint(cfg: Config) -> str:
 def run_fingerprints(cfg: Config) -> dict[str, Any]:
     """What result.json and checkpoints record to tell whether they belong to this config: the hashes and the
     settings behind them (so a refusal can name the keys that changed)."""
-    from .run_traces import model_revision
+    from .run_traces import model_revision, teacher_identity
 
-    teacher, student = list(model_revision(cfg.teacher)), list(model_revision(cfg.student))
+    teacher, student = teacher_identity(cfg), list(model_revision(cfg.student))
     return {"config_hash": config_hash(cfg), "identity_hash": identity_hash(cfg),
             "eval_fingerprint": eval_fingerprint(cfg),
             "settings": {"weights": {**_keys_of_class(cfg, "weights"), "teacher identity": teacher,
@@ -262,8 +274,10 @@ def _by_question(traces: Sequence[Any]) -> dict[str, list[Text]]:
 
 def teacher_chosen(cfg: Config, store: Any, question_ids: Sequence[str]) -> dict[str, list[Text]]:
     """The kept correct traces of each question by this run's teacher (model id and revision, sampling settings,
-    the first k sample indices)."""
-    return _by_question(select(store, teacher_query(cfg), question_ids, verdicts=("correct",), kept=True))
+    the first k sample indices); several teachers: their traces pooled with the ROUGE-L filter across the pool,
+    in pool order (run_traces.pooled_chosen)."""
+    return {q: [Text(t.key, t.completion, t.source) for t in ts]
+            for q, ts in pooled_chosen(store, cfg, question_ids).items()}
 
 
 def negative_verdicts(cfg: Config) -> tuple[str, ...]:
@@ -274,17 +288,17 @@ def make_loader(cfg: Config, store: Any, variant: str, seed: int) -> Callable[[s
     """`load(source, question_ids)` for the policy: the stored wrong traces of this run's teacher, of its initial
     student, or of this variant/seed's student after epoch E (each by full identity, run_traces.py)."""
     verdicts = negative_verdicts(cfg)
-    fixed = {TEACHER: teacher_query(cfg), INITIAL: initial_student_query(cfg)}
+    fixed = {TEACHER: teacher_queries(cfg), INITIAL: [initial_student_query(cfg)]}  # every teacher's wrong traces
 
     def load(source: str, question_ids: Sequence[str]) -> dict[str, list[Text]]:
         if not question_ids:
             return {}
         if source in fixed:
-            q = fixed[source]
+            qs = fixed[source]
         else:
             epochs = int(source.split(":", 1)[1])
-            q = refresh_query(cfg, epochs, student_revision(cfg, variant, seed, epochs))
-        return _by_question(select(store, q, question_ids, verdicts=verdicts))
+            qs = [refresh_query(cfg, epochs, student_revision(cfg, variant, seed, epochs))]
+        return _by_question([t for q in qs for t in select(store, q, question_ids, verdicts=verdicts)])
 
     return load
 
@@ -426,10 +440,11 @@ def check_traces(cfg: Config, store: Any, variants: Sequence[str], question_ids:
                 if revs else "")
 
     needs_teacher = any(variant_spec(v).objective != "none" for v in variants)
-    tq = teacher_query(cfg)
-    if needs_teacher and not select(store, tq, qids):
-        raise MissingTraces(f"no teacher traces for this run's train questions in {where}{others(tq)}; run "
-                            "`orpo-distill traces teacher CONFIG` first (with the same overrides)")
+    for tq in teacher_queries(cfg) if needs_teacher else []:  # every configured teacher has sampled
+        if not select(store, tq, qids):
+            raise MissingTraces(f"no traces of the teacher {tq.model_id} for this run's train questions in "
+                                f"{where}{others(tq)}; run `orpo-distill traces teacher CONFIG` first (with the same "
+                                "overrides)")
     if needs_teacher and not cfg.policy.gold_rationale_fallback and not teacher_chosen(cfg, store, qids):
         raise MissingTraces(f"the teacher traces in {where} answer none of this run's train questions correctly "
                             "(with these sampling settings); check the teacher and `orpo-distill traces stats "

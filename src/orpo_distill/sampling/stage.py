@@ -25,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import time
+from dataclasses import replace as dataclasses_replace
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +64,35 @@ class SampleReport:
     cost_usd: float
     dropped: int = 0  # new teacher traces marked kept=False by the diversity filter
     failed_prompts: int = 0  # prompts the backend could not answer (not written; a re-run retries them)
+    parts: list[dict[str, Any]] = field(default_factory=list)  # several teachers: {"teacher", "report"} each
 
     def summary(self) -> str:
         rate = self.sampled / self.seconds if self.seconds > 0 else 0.0
         tok_rate = self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
-        return (f"{self.requested} traces requested: {self.existing} already in the store, {self.sampled} sampled "
+        text = (f"{self.requested} traces requested: {self.existing} already in the store, {self.sampled} sampled "
                 f"({rate:.2f} traces/s, {tok_rate:.1f} tokens/s) in {self.seconds:.1f} s; "
                 f"{self.dropped} dropped as near-duplicates; {self.errors} request errors; "
                 f"{self.failed_prompts} prompts failed; tokens: {self.prompt_tokens} prompt + "
                 f"{self.completion_tokens} completion; cost ${self.cost_usd:.4f}")
+        for part in self.parts:
+            r = part["report"]
+            text += (f"\n  teacher {part['teacher']}: {r['requested']} requested, {r['existing']} in the store, "
+                     f"{r['sampled']} sampled, {r['dropped']} near-duplicates, {r['errors']} request errors, "
+                     f"{r['failed_prompts']} prompts failed, {r['completion_tokens']} completion tokens, "
+                     f"${r['cost_usd']:.4f}")
+        return text
+
+    @classmethod
+    def combine(cls, parts: Sequence[tuple[str, SampleReport]]) -> SampleReport:
+        """One report over several teachers' calls, each kept in `parts`."""
+        total = cls(requested=0, existing=0, sampled=0, errors=0, prompt_tokens=0, completion_tokens=0,
+                    seconds=0.0, cost_usd=0.0)
+        for name, r in parts:
+            for f in ("requested", "existing", "sampled", "errors", "prompt_tokens", "completion_tokens", "seconds",
+                      "cost_usd", "dropped", "failed_prompts"):
+                setattr(total, f, getattr(total, f) + getattr(r, f))
+            total.parts.append({"teacher": name, "report": r.as_dict()})
+        return total
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -379,11 +400,22 @@ def make_generator(cfg, *, checkpoint: str | None = None, revision: str | None =
 
 
 def params_from_config(cfg, role: str) -> SamplingParams:
-    """Sampling settings of a run for the teacher (k traces) or the student (student_k, default k)."""
+    """Sampling settings of a run for the teacher (k traces) or the student (student_k, default k). With a list
+    of teachers use `teacher_params` (each entry has its own K and settings)."""
     s = cfg.sampling
     n = s.k if role == "teacher" else (s.student_k or s.k)
     return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                           stop=tuple(s.stop), seed=s.seed)
+
+
+def teacher_params(cfg, teacher) -> SamplingParams:
+    """One teacher's sampling settings: its own k / temperature / top_p / max_new_tokens (list entries), the
+    `sampling` section's for what it leaves unset (a single `teacher:` mapping sets none)."""
+    base = params_from_config(cfg, "teacher")
+    over = {name: getattr(teacher, attr, None) for name, attr in (("n", "k"), ("temperature", "temperature"),
+                                                                   ("top_p", "top_p"),
+                                                                   ("max_new_tokens", "max_new_tokens"))}
+    return dataclasses_replace(base, **{k: v for k, v in over.items() if v is not None})
 
 
 def store_path(cfg) -> Path:
@@ -391,29 +423,72 @@ def store_path(cfg) -> Path:
     return Path(cfg.run.store) if cfg.run.store else Path(cfg.run.out_dir) / "traces.sqlite"
 
 
-def run_traces(cfg, which: str, *, progress: bool = True, generator: Generator | None = None,
+def run_traces(cfg, which: str, *, progress: bool = True,
+               generator: Generator | Sequence[Generator] | None = None,
                allow_failed_prompts: bool | None = None) -> SampleReport:
-    """`orpo-distill traces teacher|student`: sample the teacher's (source "teacher", diversity filter on) or the
+    """`orpo-distill traces teacher|student`: sample the teachers' (source "teacher", diversity filter on) or the
     initial student's (source "initial") traces of the train split into `<run.out_dir>/traces.sqlite`.
 
+    Several teachers are sampled one after the other in config order, each under its own identity, K and sampling
+    settings (only what the store lacks of each); the report adds them up and keeps each one's in `parts`.
+    `generator`: one per teacher (a sequence, config order) or one for a single teacher / the student.
     Prompts that fail make it raise `SamplingIncomplete` (exit 3) unless `allow_failed_prompts` (default: the
-    config's `sampling.allow_failed_prompts` when it has that key, else False) and something was obtained."""
+    config's `sampling.allow_failed_prompts` when it has that key, else False) and something was obtained; an
+    earlier teacher's traces are kept when a later one fails."""
+    from ..config import teachers_of
     from ..tasks import load_questions, load_task
 
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     task = load_task(cfg.task)
     questions = load_questions(cfg.task, "train")
-    mcfg = cfg.teacher if which == "teacher" else cfg.student
-    params = params_from_config(cfg, which)
-    gen = generator or make_generator(mcfg)
     allow = bool(getattr(cfg.sampling, "allow_failed_prompts", False)) if allow_failed_prompts is None \
         else allow_failed_prompts
+    if which == "student":
+        jobs = [(cfg.student, params_from_config(cfg, "student"), None)]
+    else:
+        jobs = [(t, teacher_params(cfg, t), t.label) for t in teachers_of(cfg)]
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(jobs)
+    if len(gens) != len(jobs):
+        raise ValueError(f"{len(gens)} generators for {len(jobs)} teachers")
+    parts: list[tuple[str, SampleReport]] = []
     with TraceStore(store_path(cfg)) as store:
-        return sample_to_store(gen, task, questions, params, store, role=which,
-                               source="teacher" if which == "teacher" else "initial",
-                               rouge_threshold=cfg.sampling.rouge_threshold if which == "teacher" else None,
-                               progress=progress, desc=f"{which} traces", allow_failed_prompts=allow)
+        for (mcfg, params, label), gen in zip(jobs, gens):
+            gen = gen or make_generator(mcfg)
+            desc = f"{which} traces" + (f" ({label})" if len(jobs) > 1 else "")
+            report = sample_to_store(gen, task, questions, params, store, role=which,
+                                     source="teacher" if which == "teacher" else "initial",
+                                     rouge_threshold=cfg.sampling.rouge_threshold if which == "teacher" else None,
+                                     progress=progress, desc=desc, allow_failed_prompts=allow)
+            parts.append((label or mcfg.model, report))
+    return parts[0][1] if len(parts) == 1 else SampleReport.combine(parts)
+
+
+def teacher_stats(cfg, store: TraceStore) -> list[dict[str, Any]]:
+    """Per configured teacher (config order): its stored traces (every question, this identity, K and sampling
+    settings), correct rate, kept correct traces, how many of them the pooled ROUGE-L filter keeps, completion and
+    prompt tokens, request errors and cost (the store's `runs` of that model identity). For `traces stats CONFIG`
+    and results.json."""
+    from ..config import teachers_of
+    from ..run_traces import pooled_chosen, select, teacher_queries
+
+    pooled = pooled_chosen(store, cfg)
+    in_pool = {t.key for ts in pooled.values() for t in ts}
+    out = []
+    for t, q in zip(teachers_of(cfg), teacher_queries(cfg)):
+        rows = select(store, q)
+        n = len(rows)
+        correct = sum(r.verdict == "correct" for r in rows)
+        spent = store.run_totals(role="teacher", model_id=q.model_id, revision=q.revision, source="teacher")
+        out.append({"teacher": t.label, "model_id": q.model_id, "revision": q.revision, "backend": t.backend,
+                    "k": q.k, "replicas": len(t.base_urls) if t.backend == "openai" else None,
+                    "traces": n, "questions": len({r.question_id for r in rows}), "correct": correct,
+                    "correct_rate": correct / n if n else 0.0,
+                    "kept_correct": sum(r.verdict == "correct" and r.kept for r in rows),
+                    "pooled_chosen": sum(r.key in in_pool for r in rows),
+                    "completion_tokens": sum(r.n_tokens for r in rows), "prompt_tokens": spent["prompt_tokens"],
+                    "errors": spent["errors"], "calls": spent["calls"], "cost_usd": round(spent["cost_usd"], 6)})
+    return out
 
 
 def resolve_store(target: str, overrides: Sequence[str] = ()) -> Path:
@@ -437,9 +512,16 @@ def resolve_store(target: str, overrides: Sequence[str] = ()) -> Path:
 
 
 def traces_stats(target: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """`orpo-distill traces stats CONFIG|STORE`: the store's counts, rates, tokens and cost."""
-    with TraceStore(resolve_store(target, overrides), readonly=True) as store:
-        return store.stats()
+    """`orpo-distill traces stats CONFIG|STORE`: the store's counts, rates, tokens and cost; `teachers` per
+    teacher identity the store holds, or, for a CONFIG, per configured teacher (`teacher_stats`)."""
+    from ..config import load_config
+
+    path = resolve_store(target, overrides)
+    with TraceStore(path, readonly=True) as store:
+        stats = store.stats()
+        if Path(target).resolve() != path.resolve():  # a config: its own teachers, in its order
+            stats["teachers"] = teacher_stats(load_config(target, list(overrides)), store)
+    return stats
 
 
 def export_traces(target: str, out: str | Path, overrides: Sequence[str] = ()) -> int:
