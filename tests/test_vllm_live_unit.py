@@ -34,6 +34,19 @@ def test_memory_budget_is_a_fraction_of_what_is_free():
         vl.EngineSpec(model="m", memory_fraction=0.0)
 
 
+def test_memory_fraction_comes_from_the_config():
+    from orpo_distill.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"student": {"model": "m", "backend": "vllm"}})
+    assert vl.StudentEngineHooks(cfg, "orpo_mixed", 0, task=None).memory_fraction == vl.DEFAULT_MEMORY_FRACTION == 0.5
+    cfg = config_from_dict({"student": {"model": "m", "backend": "vllm", "vllm_memory_fraction": 0.3}})
+    assert vl.StudentEngineHooks(cfg, "orpo_mixed", 0, task=None).memory_fraction == 0.3
+    assert vl.StudentEngineHooks(cfg, "orpo_mixed", 0, task=None, memory_fraction=0.2).memory_fraction == 0.2
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match="student.vllm_memory_fraction"):
+            config_from_dict({"student": {"model": "m", "vllm_memory_fraction": bad}})
+
+
 def test_lora_rank_maps_to_a_rank_vllm_serves():
     assert [vl.max_lora_rank(r) for r in (1, 4, 8, 9, 64)] == [1, 8, 8, 16, 64]
     with pytest.raises(UserError, match="LoRA rank"):

@@ -9,7 +9,8 @@ built once from the untouched student and kept for the whole variant:
 - **LoRA**: nothing is pushed; the adapter (megabytes) is saved and served with a `LoRARequest` under a new
   name and id per refresh (vLLM serves the OLD adapter when a name/id is reused). Every `generate` call uses one
   adapter for all its requests (vLLM gave wrong outputs when a call mixed adapter and no-adapter requests).
-- **memory**: the engine takes a fraction (`memory_fraction`, default 0.5) of the memory the trainer leaves free
+- **memory**: the engine takes a fraction (config `student.vllm_memory_fraction`, default 0.5; never vLLM's
+  0.9, which assumes an otherwise empty GPU) of the memory the trainer leaves free
   when it is built: on a GPU `gpu_memory_utilization = fraction * free / total`, with `enable_sleep_mode` where the
   platform has it (`sleep()` during training frees it, `wake()` before sampling); on CPU a KV cache of
   `fraction * available RAM`, at most 4 GiB. An explicit `gpu_memory_utilization` or `kv_cache_memory_bytes` in
@@ -609,13 +610,16 @@ class StudentEngineHooks:
 
     def __init__(self, cfg: Any, variant: str, seed: int, *, task: Any, store: Any = None,
                  eval_questions: Sequence[Any] | None = None, progress: bool = True,
-                 memory_fraction: float = DEFAULT_MEMORY_FRACTION, python: str | os.PathLike[str] | None = None,
+                 memory_fraction: float | None = None, python: str | os.PathLike[str] | None = None,
                  student: LiveStudent | None = None, revision_of: Any = None) -> None:
         from .stage import model_identity
 
         self.cfg, self.variant, self.seed = cfg, variant, seed
         self.task, self.store, self.eval_questions, self.progress = task, store, eval_questions, progress
-        self.memory_fraction, self.python = memory_fraction, python
+        # the engine's memory budget: config `student.vllm_memory_fraction` unless the caller names one
+        self.memory_fraction = memory_fraction if memory_fraction is not None else float(
+            getattr(cfg.student, "vllm_memory_fraction", DEFAULT_MEMORY_FRACTION))
+        self.python = python
         self.student, self._own = student, student is None
         self.model_id = model_identity(cfg.student)[0]
         if revision_of is None:
