@@ -172,3 +172,47 @@ def test_config_route_loads_the_same_questions():
     task = load_task(cfg.task)
     assert isinstance(task, SyntheticTask) and task.options["n_test"] == 150
     assert [q.id for q in load_from_cfg(cfg.task, "test")] == [q.id for q in load_questions("test", SMALL, 20)]
+
+
+# ---------------------------------------------------------------- the first-error locator
+
+def test_first_error_finds_nothing_in_any_gold_wording():
+    task = SyntheticTask(SMALL)
+    for q in task.load_questions("train")[:200]:
+        for k in range(4):
+            assert task.first_error_offset(q, rationale_variant(q, random.Random(k))) is None
+
+
+def _plain_question():
+    # Ann has 12 pens; +7 -> 19; *2 -> 38; -8 -> 30
+    from orpo_distill.tasks.base import Question
+
+    return Question("syn-x", "Ann has 12 pens. She buys 7 more. She doubles them. She loses 8. How many?", "30",
+                    meta={"start": 12, "steps": [["add", 7], ["mul", 2], ["sub", 8]], "name": "Ann",
+                          "item": "pens"})
+
+
+GOOD = "Ann starts with 12 pens. 12 + 7 = 19. Multiplying by 2 gives 19 * 2 = 38. 38 minus 8 is 30. The answer is 30."
+
+
+@pytest.mark.parametrize("bad, at", [
+    (GOOD.replace("with 12", "with 13"), "13 pens"),  # wrong start amount
+    (GOOD.replace("19 * 2", "18 * 2"), "18 * 2"),  # copied the running value wrongly
+    (GOOD.replace("19 * 2 = 38", "19 + 2 = 21"), "+ 2"),  # wrong operation
+    (GOOD.replace("12 + 7 = 19", "12 + 6 = 18"), "6 = 18"),  # wrong operand
+    (GOOD.replace("= 38. 38", "= 36. 36").replace("is 30. The answer is 30", "is 28. The answer is 28"),
+     "36. 36"),  # wrong arithmetic, the rest consistent with it
+    (GOOD.replace(" The answer is 30.", " 30 + 1 = 31. The answer is 31."), "30 + 1"),  # a step too many
+    ("Ann starts with 12 pens. 12 + 7 = 19. 19 * 2 = 38. The answer is 38.", "The answer is 38"),  # stopped early
+    (GOOD.replace("The answer is 30", "The answer is 31"), "31."),  # wrong answer line
+])
+def test_first_error_is_located_at_the_first_wrong_number(bad, at):
+    task = SyntheticTask(SMALL)
+    q = _plain_question()
+    assert task.first_error_offset(q, GOOD) is None
+    assert task.first_error_offset(q, bad) == bad.index(at)
+
+
+def test_first_error_of_unreadable_text_is_none():
+    task = SyntheticTask(SMALL)
+    assert task.first_error_offset(_plain_question(), "pens pens pens") is None

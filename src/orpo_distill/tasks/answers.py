@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
@@ -484,3 +485,201 @@ def to_yes_no(value: object) -> str | None:
 def bare_yes_no(line: str) -> str | None:
     w = line.strip().lower().rstrip(".!")
     return _YES_NO_MAP.get(w)
+
+
+# ---------------------------------------------------------------------------------------------------- arithmetic
+# The first wrong step of a worked solution (`objective.rejected_scope: after_first_error`): every written equation
+# `a op b [op c ...] = d` is recomputed exactly (fractions) and the first result that disagrees is located. Only
+# what is unambiguous is checked, so a correct solution is never flagged: the left side is the longest run of
+# numbers and operators (+ - * / x × ÷, parentheses, `$`, `%`, thousands commas, decimals such as `.2`) that ends
+# at the "=" and starts at a number or "(" (a run that starts with an operator continues into words, "2 hours x 3
+# = 6": skipped), with at least one operator; the right side is the number after the "=" (a `$`, or a GSM8K
+# calculator note `<<a*b=c>>`, may come between). GSM8K's calculator notes are equations themselves, and the
+# number written right after a note must equal the note's result.
+
+_ARITH_CHARS = set("0123456789.,+-–−*/x×÷·()$% \t")
+_ARITH_TOKEN = re.compile(r"\s+|(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(%?)|([-–−+*/x×÷·()])|(\$)")
+# What must not come right before a left-hand run: what could still belong to the expression ("2^3 = 8", "¾ x 3",
+# "√9 + 1", "pages x 1/3"): the expression would start before the run, so it is not checked
+_RUN_NOT_AFTER = set("xX^!√∛")
+_RIGHT_NUMBER = re.compile(r"[ \t]*\$?[ \t]*(?:<<[^<>\n]*>>)?[ \t]*\$?[ \t]*(-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?"
+                           r"|\d+(?:\.\d+)?|\.\d+)(?:/\d+(?![.\d]))?)(%?)")
+_NOTE = re.compile(r"<<([^<>=\n]*)=([^<>\n]*)>>[ \t]*\$?[ \t]*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)?"
+                   r"(/\d+)?")
+_OPS = {"+", "-", "*", "/", "x", "×", "÷", "·", "–", "−"}
+_TIMES = ("*", "x", "×", "·")
+
+
+def _arith_tokens(run: str) -> list[str | Fraction] | None:
+    """Numbers (as Fractions, `%` applied) and operator characters of a left-hand run; None when a character is
+    not part of arithmetic. A stray character (a list comma, a sentence's full stop) restarts the expression."""
+    out: list[str | Fraction] = []
+    pos = 0
+    while pos < len(run):
+        m = _ARITH_TOKEN.match(run, pos)
+        if m is None or m.end() == pos:
+            out = []  # the expression starts after this character
+            pos += 1
+            continue
+        if m.group(1):
+            v = Fraction(m.group(1).replace(",", ""))
+            out.append(v / 100 if m.group(2) else v)
+        elif m.group(3):
+            out.append("-" if m.group(3) in "–−" else m.group(3))
+        pos = m.end()
+    return out
+
+
+def _evaluate(tokens: list[str | Fraction]) -> Fraction | None:
+    """The exact value of a flat arithmetic expression (usual precedence, parentheses); None if it is not one."""
+    pos = 0
+
+    def peek() -> str | Fraction | None:
+        return tokens[pos] if pos < len(tokens) else None
+
+    def factor() -> Fraction:
+        nonlocal pos
+        t = peek()
+        if isinstance(t, Fraction):
+            pos += 1
+            return t
+        if t == "-":
+            pos += 1
+            return -factor()
+        if t == "(":
+            pos += 1
+            v = expr()
+            if peek() != ")":
+                raise ValueError("unbalanced")
+            pos += 1
+            return v
+        raise ValueError("not a factor")
+
+    def term() -> Fraction:
+        nonlocal pos
+        v = factor()
+        while peek() in ("*", "/", "x", "×", "÷", "·"):
+            op = peek()
+            pos += 1
+            w = factor()
+            v = v * w if op in _TIMES else v / w
+        return v
+
+    def expr() -> Fraction:
+        nonlocal pos
+        v = term()
+        while peek() in ("+", "-"):
+            op = peek()
+            pos += 1
+            w = term()
+            v = v + w if op == "+" else v - w
+        return v
+
+    try:
+        v = expr()
+    except (ValueError, ZeroDivisionError):
+        return None
+    return v if pos == len(tokens) else None
+
+
+def _times_x(text: str, i: int) -> bool:
+    """Whether the "x" at `text[i]` is a multiplication sign: a number or ")" before it and a number, "(" or "$"
+    after it (spaces allowed); "4x-13" and "9x = 360" are algebra, "box" a word."""
+    a = text[:i].rstrip(" \t")
+    b = text[i + 1:].lstrip(" \t")
+    return bool(a) and (a[-1].isdigit() or a[-1] in ")%") and bool(b) and (b[0].isdigit() or b[0] in "($.")
+
+
+def _left_run(text: str, eq: int) -> str | None:
+    """The characters of arithmetic that end right before `text[eq]`; None when what comes before the run could
+    still belong to the expression (an exponent, an unknown operator)."""
+    i = eq
+    while i > 0 and text[i - 1] in _ARITH_CHARS:
+        if text[i - 1] == "x" and not _times_x(text, i - 1):
+            break
+        i -= 1
+    if i > 0 and (text[i - 1] in _RUN_NOT_AFTER or text[i - 1].isnumeric()
+                  or (unicodedata.category(text[i - 1]) == "Sm" and text[i - 1] not in "=<>")):
+        return None
+    return text[i:eq]
+
+
+def _left_value(text: str, eq: int) -> Fraction | None:
+    run = _left_run(text, eq)
+    if run is None:
+        return None
+    tokens = _arith_tokens(run)
+    while tokens and tokens[0] == ")":
+        tokens = tokens[1:]
+    depth = 0  # an opening parenthesis of the sentence ("(5 * 2 = 10)") is not part of the expression
+    for t in tokens:
+        depth += t == "("
+        depth -= t == ")"
+    while depth > 0 and tokens and tokens[0] == "(":
+        tokens, depth = tokens[1:], depth - 1
+    if not tokens or not isinstance(tokens[0], Fraction) and tokens[0] != "(":
+        return None  # empty, or starts with an operator: the expression continues into words
+    if not any(isinstance(t, str) and t in _OPS for t in tokens):
+        return None  # "x = 5", "5 = 5": a definition, not a computation
+    return _evaluate(tokens)
+
+
+def _matches(value: Fraction, written: str, percent: bool) -> bool:
+    """Whether `written` is `value`, allowing the rounding its decimals show ("10/3 = 3.33", "= 3.3", "= 3")."""
+    num, _, den = written.replace(",", "").partition("/")
+    try:
+        w = Fraction(num) / Fraction(den) if den else Fraction(num)
+    except ZeroDivisionError:
+        return False
+    decimals = len(written.split(".", 1)[1]) if "." in written else 0
+    tol = Fraction(0) if "/" in written else Fraction(1, 2 * 10 ** decimals)  # a written fraction is exact
+    candidates = (w / 100, w) if percent else (w,)  # "1/5 = 20%" and "0.2 * 100 = 20%" are both written
+    return any(abs(value - c) <= tol for c in candidates)
+
+
+def arithmetic_errors(text: str) -> list[int]:
+    """Character offsets of every wrong written result in `text` (see the section comment), in text order."""
+    errors: set[int] = set()
+    for m in re.finditer(r"=", text):
+        i = m.start()
+        if (i > 0 and text[i - 1] in "<>!=") or text[i + 1: i + 2] == "=":
+            continue  # <=, >=, !=, ==
+        if text.rfind("<<", 0, i) > text.rfind(">>", 0, i):
+            inner = True  # inside a calculator note: its right side is up to ">>"
+        else:
+            inner = False
+        value = _left_value(text, i)
+        if value is None:
+            continue
+        r = _RIGHT_NUMBER.match(text, i + 1)
+        if r is None or (inner and r.group(0).count("<<")):
+            continue
+        if _matches(value, r.group(1), bool(r.group(2))):
+            continue
+        # "10 - 3 = 3 + 4": the right side is itself an expression; accept it when that expression is equal
+        j = r.end()
+        k = j
+        while k < len(text) and text[k] in _ARITH_CHARS and text[k] != "=":
+            k += 1
+        rest = _arith_tokens(text[r.start(1): k].rstrip(" .,\t"))
+        if rest and len(rest) > 1:
+            rv = _evaluate(rest)
+            if rv is not None and rv == value:
+                continue
+        errors.add(r.start(1))
+    for m in _NOTE.finditer(text):  # the number written after a note is the note's result
+        if m.group(3) is None:
+            continue
+        try:
+            note = Fraction(m.group(2).strip().replace(",", ""))
+        except (ValueError, ZeroDivisionError):
+            continue
+        if not _matches(note, m.group(3) + (m.group(4) or ""), False):  # "<<3/4=3/4>>3/4" is a fraction
+            errors.add(m.start(3))
+    return sorted(errors)
+
+
+def first_arithmetic_error(text: str) -> int | None:
+    """The character offset of the first wrong written result in `text` (the number after "="), or None."""
+    errs = arithmetic_errors(text)
+    return errs[0] if errs else None

@@ -49,3 +49,25 @@ class Task(Protocol):
     def grade(self, q: Question, completion: str) -> Grade:
         """Extract the final answer of `completion` and compare it with `q.gold`."""
         ...
+
+    # Optional: `first_error_offset(q, completion) -> int | None`, the character offset in `completion` where its
+    # first wrong step starts (None: not located). Tasks that can check their steps implement it (the synthetic
+    # task, the numeric kind's arithmetic); `objective.rejected_scope: after_first_error` reads it through
+    # `first_error_offset` below, so a task without it (a custom grader, multiple choice) simply has none.
+
+
+def first_error_offset(task: object, q: Question, completion: str) -> int | None:
+    """The task's first-error locator applied to `completion`, or None when the task has none (the default).
+
+    An offset outside 0..len(completion) is a bug in the task and raises ValueError.
+    """
+    locate = getattr(task, "first_error_offset", None)
+    if locate is None:
+        return None
+    off = locate(q, completion)
+    if off is None:
+        return None
+    if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off <= len(completion):
+        raise ValueError(f"task {getattr(task, 'name', task)!r}: first_error_offset returned {off!r} for a "
+                         f"completion of {len(completion)} characters; expected None or an offset in it")
+    return off

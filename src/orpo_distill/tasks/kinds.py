@@ -330,6 +330,12 @@ class NumericTask(_BaseTask):
             return Grade("wrong", ans)
         return Grade("correct" if gold is not None and value == gold else "wrong", ans)
 
+    def first_error_offset(self, q: Question, completion: str) -> int | None:
+        """The character offset of the first wrong written result of an equation (`a op b = c`, GSM8K's
+        `<<a*b=c>>` notes, chains `a + b + c = d`; `answers.first_arithmetic_error`), or None when every
+        equation checks out (the error is elsewhere: a wrong step in words, a wrong plan)."""
+        return A.first_arithmetic_error(A.strip_runon(completion))
+
     def question_from_row(self, row: Mapping[str, Any], fields: Mapping[str, Sequence[str]] | None,
                           source: str) -> Question:
         f = fields or self.fields()

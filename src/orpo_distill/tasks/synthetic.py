@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,3 +283,56 @@ class SyntheticTask:
 
     def grade(self, q: Question, completion: str) -> Grade:
         return self._numeric.grade(q, completion)
+
+    def first_error_offset(self, q: Question, completion: str) -> int | None:
+        return first_error_offset(q, completion)
+
+
+# One written step: "12 + 7 = 19", "12 plus 7 is 19", "Multiplying by 2 gives 12 * 2 = 24" (the equation part).
+_STEP = re.compile(r"(-?\d+)\s*([-+*/x×]|plus|minus|times|divided by)\s*(-?\d+)\s*(?:=|is)\s*(-?\d+)")
+_STEP_OPS = {"+": "add", "plus": "add", "-": "sub", "minus": "sub", "*": "mul", "x": "mul", "×": "mul",
+             "times": "mul", "/": "div", "divided by": "div"}
+_ANSWER = re.compile(r"(?:the\s+)?answer is\s*(-?\d+)", re.IGNORECASE)
+_INT = re.compile(r"-?\d+")
+
+
+def first_error_offset(q: Question, completion: str) -> int | None:
+    """Where the first wrong step of a synthetic rationale starts (a character offset), or None.
+
+    The completion's steps are read in order (`a op b = c` or its worded forms) and held against the problem's
+    chain: the first number that differs from what the problem needs is the error, in the order the text states
+    it: a wrong start amount, then per step a wrong running value `a` (a copying slip, or a skipped step), a
+    wrong operation, a wrong operand `b`, a wrong result `c` (wrong arithmetic, or a result the chain does not
+    reach); a step beyond the last one is wrong from its first number; after the last step, an answer line that
+    differs from the gold answer is wrong at its number, and an answer line that comes before the chain is
+    complete is wrong from its start ("The answer is", where the next step should have been). None when
+    nothing is wrong or nothing can be read (no step and no answer line)."""
+    problem = problem_of(q)
+    vals = problem.values()
+    steps = list(_STEP.finditer(completion))
+    first_num = _INT.search(completion)
+    if first_num is not None and (not steps or first_num.start() < steps[0].start()):
+        if int(first_num.group()) != problem.start:  # the start sentence names the wrong amount
+            return first_num.start()
+    for i, m in enumerate(steps):
+        if i >= len(problem.steps):
+            return m.start()
+        a, op, b, c = int(m.group(1)), _STEP_OPS[m.group(2)], int(m.group(3)), int(m.group(4))
+        want_op, want_n = problem.steps[i]
+        if a != vals[i]:
+            return m.start(1)
+        if op != want_op:
+            return m.start(2)
+        if b != want_n:
+            return m.start(3)
+        if c != vals[i + 1]:
+            return m.start(4)
+    answers = [m for m in _ANSWER.finditer(completion) if not steps or m.start() > steps[-1].end()]
+    if not answers:
+        return None
+    ans = answers[-1]
+    if len(steps) < len(problem.steps):
+        return ans.start()
+    if int(ans.group(1)) != problem.answer:
+        return ans.start(1)
+    return None
