@@ -28,10 +28,28 @@ leading BOS (the end of the prompt, with the question and the generation prompt,
 then each completion is cut from the RIGHT to fit `max_length`. A cut completion has no end token, on purpose: teaching
 the student to stop in the middle of a reasoning chain would be worse than not scoring the end.
 
+Rejected scope (`objective.rejected_scope`, ours, beyond the paper; docs/METHOD.md "Beyond the paper"): which
+tokens of a rejected completion its mean log-prob (the odds-ratio term's log q(y_rejected|x)) averages over.
+- `all` (the paper, default): every completion token.
+- `after_prefix`: the tokens after the longest common token prefix (in the student's tokenization, end token
+  included) that the rejected completion shares with ANY chosen completion of its question (the encoder's
+  `chosen_texts`, else the pair's own chosen). A trace equal to a chosen one up to its last token is scored on
+  that last token; one that differs from its first token is scored on all of them.
+- `after_first_error`: from the first wrong step the task locates (`first_error_offset`: a character offset,
+  mapped to the token that holds it with the fast tokenizer's offsets, else by re-tokenising the text before it),
+  but never inside the common prefix with a chosen trace: the start is max(prefix, first error), so the penalty
+  never falls on tokens a correct trace of the question also writes (an "error" inside that prefix is one a
+  correct trace shares: a lucky slip, or a locator's false alarm). No located error: as `after_prefix`.
+- An empty scope (the rejected completion is a prefix of, or equal to, a chosen one; or truncation cut every
+  token after the start) falls back to the whole completion, counted as `rejected_scope_fallback`.
+The scope only zeroes the rejected row's `completion_mask` before its start (`Encoded.rejected_start`); the
+chosen rows, the NLL term and the tokens put through the model are unchanged, so `loss.py` needs no change (its
+rejected log-prob is the mean over `completion_mask`, and its NLL reads the chosen rows only).
+
 Batches: pair batches are [2B, T] (chosen rows first, then their rejected rows, in the same order), SFT batches
 [B, T], with an `is_pair` marker; right padding; `completion_mask` is 1 exactly on completion tokens (the end
-token included). Pair and SFT-only
-examples never share a batch. With `group_by_length`, examples are sorted by length inside shuffled mega-batches
+token included; on a rejected row, from its `rejected_start` on). Pair and SFT-only examples never share a
+batch. With `group_by_length`, examples are sorted by length inside shuffled mega-batches
 (50 batches each) so a batch pads little, the batch order is shuffled, and the longest batch goes first (an
 out-of-memory error shows at step 1, not hours in).
 """
@@ -40,7 +58,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +68,7 @@ from torch import Tensor
 from .tasks.prompts import completion_end_ids, encode_prompt, render_prompt  # noqa: F401
 
 STRATEGIES = ("cycle", "all", "random", "hardest")
+REJECTED_SCOPES = ("all", "after_prefix", "after_first_error")
 MEGABATCH = 50  # batches per length-grouping window (as in transformers' LengthGroupedSampler)
 
 
@@ -127,14 +146,72 @@ def make_examples(question_id: str, positives: Sequence[Text], negatives: Sequen
 # Tokenisation with the student's tokenizer
 # --------------------------------------------------------------------------------------------------------------
 
+def strip_end(tokenizer, text: str, end_ids: Sequence[int]) -> str:
+    """`text` without a trailing end string (a sampler that kept it), so the end is never doubled."""
+    tails = [t for t in {tokenizer.decode(list(end_ids)), tokenizer.eos_token} if t]
+    while any(text.endswith(t) for t in tails):
+        text = text[: -len(next(t for t in tails if text.endswith(t)))]
+    return text
+
+
 def encode_completion(tokenizer, text: str, end_ids: Sequence[int] | None = None) -> list[int]:
     """Token ids of a completion: no special tokens, then exactly once `end_ids` (default: the end of an answer in
     the tokenizer's own format, `tasks.prompts.completion_end_ids`)."""
     end = list(end_ids) if end_ids is not None else completion_end_ids(tokenizer)
-    tails = [t for t in {tokenizer.decode(end), tokenizer.eos_token} if t]
-    while any(text.endswith(t) for t in tails):  # a sampler that kept the end string: do not double it
-        text = text[: -len(next(t for t in tails if text.endswith(t)))]
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + end
+    return list(tokenizer(strip_end(tokenizer, text, end), add_special_tokens=False)["input_ids"]) + end
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def token_at_char(tokenizer, text: str, offset: int) -> int:
+    """The index, in `tokenizer(text, add_special_tokens=False)`, of the token that holds character `offset` (the
+    first token ending after it); the token count when `offset` is at or past the end of `text`.
+
+    Fast tokenizers: their offset mapping. Others: the number of leading tokens that `text[:offset]` tokenises to
+    as well (a token cut by the offset tokenises differently, so it is the first one not shared)."""
+    if offset <= 0:
+        return 0
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        for i, (start, end) in enumerate(enc["offset_mapping"]):
+            if end > offset and end > start:
+                return i
+        return len(enc["input_ids"])
+    full = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if offset >= len(text):
+        return len(full)
+    return common_prefix(full, tokenizer(text[:offset], add_special_tokens=False)["input_ids"])
+
+
+def prefix_start(rejected_ids: Sequence[int], chosen_ids: Sequence[Sequence[int]]) -> int:
+    """Where `after_prefix` scoring starts: the longest common prefix with any of the chosen completions."""
+    return max((common_prefix(rejected_ids, c) for c in chosen_ids), default=0)
+
+
+def scope_start(rejected_ids: Sequence[int], chosen_ids: Sequence[Sequence[int]], scope: str,
+                error_token: int | None = None) -> tuple[int, str]:
+    """(first scored token of the rejected completion, how it was decided) for `objective.rejected_scope`.
+
+    `how` is "all" (scope all, or nothing shared and no error after it), "prefix", "error" (a located first
+    error after the common prefix) or "fallback" (an empty scope: the whole completion)."""
+    if scope not in REJECTED_SCOPES:
+        raise ValueError(f"objective.rejected_scope: unknown scope {scope!r}; allowed: {', '.join(REJECTED_SCOPES)}")
+    if scope == "all":
+        return 0, "all"
+    start = prefix_start(rejected_ids, chosen_ids)
+    how = "prefix" if start else "all"
+    if scope == "after_first_error" and error_token is not None and error_token > start:
+        start, how = error_token, "error"
+    if start >= len(rejected_ids):
+        return 0, "fallback"
+    return start, how
 
 
 def check_lengths(max_length: int, max_prompt_length: int) -> None:
@@ -164,6 +241,7 @@ class Encoded:
     rejected_key: str | None = None
     rejected_source: str | None = None
     truncated: bool = False
+    rejected_start: int = 0  # first scored token of the rejected completion (objective.rejected_scope)
 
     @property
     def is_pair(self) -> bool:
@@ -192,6 +270,13 @@ class EncodeStats:
     chosen_truncated: int = 0
     rejected_truncated: int = 0
     max_length_seen: int = 0
+    # objective.rejected_scope: pairs scored after a shared prefix / from a located first error / on the whole
+    # completion because the scope was empty; rejected completion tokens in all, and those scored
+    rejected_after_prefix: int = 0
+    rejected_after_error: int = 0
+    rejected_scope_fallback: int = 0
+    rejected_tokens: int = 0
+    rejected_scored_tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -199,19 +284,30 @@ class EncodeStats:
 
 @dataclass
 class Encoder:
-    """Tokenises examples for the student, caching the prompt and completion ids of each text."""
+    """Tokenises examples for the student, caching the prompt and completion ids of each text.
+
+    `rejected_scope` with `chosen_texts` (every chosen text of each question; None: the pair's own chosen only)
+    and `first_error` ((question id, completion) -> character offset of its first wrong step, or None) decide
+    `Encoded.rejected_start` (see the module docstring)."""
 
     tokenizer: object
     template: str = "auto"
     system_prompt: str | None = None
     max_length: int = 1024
     max_prompt_length: int = 512
+    rejected_scope: str = "all"
+    chosen_texts: Mapping[str, Sequence[Text]] | None = None
+    first_error: Callable[[str, str], int | None] | None = None
     _prompts: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _completions: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _starts: dict[tuple[str, str, str], tuple[int, str]] = field(default_factory=dict, repr=False)
     end_ids: list[int] = field(default_factory=list, init=False)  # how this format ends an answer
 
     def __post_init__(self) -> None:
         check_lengths(self.max_length, self.max_prompt_length)
+        if self.rejected_scope not in REJECTED_SCOPES:
+            raise ValueError(f"objective.rejected_scope: unknown scope {self.rejected_scope!r}; allowed: "
+                             f"{', '.join(REJECTED_SCOPES)}")
         self.end_ids = completion_end_ids(self.tokenizer, self.template, self.system_prompt)
 
     def prompt(self, question_id: str, user_message: str) -> tuple[list[int], bool]:
@@ -228,6 +324,22 @@ class Encoder:
             self._completions[t.key] = encode_completion(self.tokenizer, t.text, self.end_ids)
         return self._completions[t.key]
 
+    def rejected_scope_start(self, ex: Example) -> tuple[int, str]:
+        """(first scored token, how) of the pair's rejected completion before truncation (`scope_start`)."""
+        assert ex.rejected is not None
+        key = (ex.question_id, ex.rejected.key, ex.chosen.key if self.chosen_texts is None else "")
+        if key not in self._starts:
+            chosen = list((self.chosen_texts or {}).get(ex.question_id) or []) or [ex.chosen]
+            error_token = None
+            if self.rejected_scope == "after_first_error" and self.first_error is not None:
+                text = strip_end(self.tokenizer, ex.rejected.text, self.end_ids)
+                off = self.first_error(ex.question_id, text)
+                if off is not None:
+                    error_token = token_at_char(self.tokenizer, text, off)
+            self._starts[key] = scope_start(self.completion(ex.rejected), [self.completion(c) for c in chosen],
+                                            self.rejected_scope, error_token)
+        return self._starts[key]
+
     def encode(self, ex: Example, user_message: str, stats: EncodeStats | None = None) -> Encoded:
         prompt, p_cut = self.prompt(ex.question_id, user_message)
         room = self.max_length - len(prompt)
@@ -235,9 +347,21 @@ class Encoder:
         rejected = self.completion(ex.rejected) if ex.rejected is not None else None
         c_cut = len(chosen) > room
         r_cut = rejected is not None and len(rejected) > room
+        start, how = 0, "all"
+        if rejected is not None and self.rejected_scope != "all":
+            start, how = self.rejected_scope_start(ex)
+            if start >= min(room, len(rejected)):  # truncation left nothing after the start: the whole trace
+                start, how = 0, "fallback"
         enc = Encoded(ex.question_id, prompt, chosen[:room], rejected[:room] if rejected is not None else None,
                       ex.chosen.key, ex.rejected.key if ex.rejected else None,
-                      ex.rejected.source if ex.rejected else None, truncated=p_cut or c_cut or r_cut)
+                      ex.rejected.source if ex.rejected else None, truncated=p_cut or c_cut or r_cut,
+                      rejected_start=start)
+        if stats is not None and enc.rejected_ids is not None:
+            stats.rejected_after_prefix += how == "prefix"
+            stats.rejected_after_error += how == "error"
+            stats.rejected_scope_fallback += how == "fallback"
+            stats.rejected_tokens += len(enc.rejected_ids)
+            stats.rejected_scored_tokens += len(enc.rejected_ids) - start
         if stats is not None:
             stats.examples += 1
             stats.pairs += enc.is_pair
@@ -253,7 +377,9 @@ class Encoder:
 # Collation: the loss.py batch format, right padding
 # --------------------------------------------------------------------------------------------------------------
 
-def _rows_to_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
+def _rows_to_batch(rows: list[tuple[list[int], list[int]]], pad_id: int,
+                   starts: Sequence[int] | None = None) -> dict[str, Tensor]:
+    """Right-padded rows; `starts[r]` completion tokens of row r are left out of its `completion_mask`."""
     width = max(len(p) + len(c) for p, c in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     att = torch.zeros((len(rows), width), dtype=torch.long)
@@ -262,7 +388,7 @@ def _rows_to_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict
         n = len(p) + len(c)
         ids[r, :n] = torch.tensor(p + c, dtype=torch.long)
         att[r, :n] = 1
-        comp[r, len(p):n] = 1
+        comp[r, len(p) + (starts[r] if starts is not None else 0):n] = 1
     return {"input_ids": ids, "attention_mask": att, "completion_mask": comp}
 
 
@@ -278,9 +404,11 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
     if len(kinds) != 1:
         raise ValueError("collate: pair and SFT-only examples cannot share a batch")
     rows = [(it.prompt_ids, it.chosen_ids) for it in items]
+    starts = [0] * len(items)
     if items[0].is_pair:
         rows += [(it.prompt_ids, it.rejected_ids) for it in items]  # type: ignore[misc]
-    return {**_rows_to_batch(rows, pad_id), "is_pair": torch.tensor(items[0].is_pair)}
+        starts += [it.rejected_start for it in items]  # objective.rejected_scope: the rejected rows' scored part
+    return {**_rows_to_batch(rows, pad_id, starts), "is_pair": torch.tensor(items[0].is_pair)}
 
 
 def plan_batches(examples: Sequence[Encoded], batch_size: int, *, group_by_length: bool = True,
@@ -354,6 +482,27 @@ def build_examples(questions: Sequence[tuple[str, str]], positives: dict[str, li
                             neg_scores=scores)
         out += [encoder.encode(e, message, stats) for e in exs]
     return out, stats
+
+
+def text_scorer(encoder: Encoder, messages: Mapping[str, str],
+                scorer: Callable[[list[int], list[list[int]]], list[float]]) -> Callable[[str, Sequence[Text]], list[float]]:
+    """`score(question_id, texts)`: the mean log-probs of texts as the trainer sees them (the student's prompt and
+    completion ids, cut to `max_length`), from `scorer(prompt_ids, completion_ids)` (the current student)."""
+
+    def score(question_id: str, texts: Sequence[Text]) -> list[float]:
+        prompt, _ = encoder.prompt(question_id, messages[question_id])
+        room = encoder.max_length - len(prompt)
+        return scorer(prompt, [encoder.completion(t)[:room] for t in texts])
+
+    return score
+
+
+def error_locator(task: object, questions: Mapping[str, object]) -> Callable[[str, str], int | None]:
+    """`first_error(question_id, completion)` for the encoder: the task's `first_error_offset` (None when the
+    task has none, `tasks.base.first_error_offset`)."""
+    from .tasks.base import first_error_offset
+
+    return lambda question_id, text: first_error_offset(task, questions[question_id], text)  # type: ignore[arg-type]
 
 
 def steps_per_epoch(n_batches: int, grad_accum: int) -> int:
