@@ -311,3 +311,5 @@ def test_two_teachers_local_and_api_with_a_dead_replica(tmp_path, tiny_gpt2_dir,
         if p.is_file():
             assert b"sk-test-secret-456" not in p.read_bytes(), p
     assert res["variants"]["sft_diverse"]["n"] == 4
+    md = (out / "results.md").read_text()
+    assert "## Teachers" in md and "| local-gpt2 | hf | 2 | 20 |" in md and "| fake-teacher-b | openai | 2 | 20 |" in md

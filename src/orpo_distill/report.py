@@ -458,6 +458,17 @@ def render_results_md(results: Mapping[str, Any], plots: Sequence[str] = ()) -> 
     costs = _costs_table(results.get("costs") or {})
     if costs:
         out += ["## Costs", "", costs]
+    teachers = [t for t in results.get("teachers") or [] if isinstance(t, Mapping)]
+    if len(teachers) > 1:  # several teachers (results.json `teachers`, sampling/stage.teacher_stats)
+        out += ["## Teachers", "", "Each teacher's stored traces (its own K), correct rate, correct traces its own "
+                "ROUGE-L filter kept, how many of those the filter across the pool kept (teachers in config order), "
+                "tokens and cost.", "",
+                _md_table(["teacher", "backend", "k", "traces", "correct", "kept correct", "pooled chosen",
+                           "completion tokens", "errors", "cost $"],
+                          [[str(t.get("teacher")), str(t.get("backend")), str(t.get("k")), str(t.get("traces")),
+                            f"{100 * float(t.get('correct_rate') or 0):.1f}%", str(t.get("kept_correct")),
+                            str(t.get("pooled_chosen")), str(t.get("completion_tokens")), str(t.get("errors")),
+                            f"{float(t.get('cost_usd') or 0):.4f}"] for t in teachers]), ""]
     if plots:
         out += ["## Plots", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in plots] + [""]
     if task in PAPER_TASKS:
