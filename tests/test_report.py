@@ -360,3 +360,59 @@ def test_report_across_runs_never_shows_a_credential_from_a_config(tmp_path):
     assert "teacher.base_url=https://h/v1?api_key=***" in md
     for p in written:
         assert secret.encode() not in p.read_bytes()
+
+
+def test_plots_explain_themselves(tmp_path):
+    """Issue 12: titles name the models (a local folder by name and architecture, not `assets/student`); the
+    accuracy band says it is std over seeds; NLL and L_OR on their own axes; the share of questions without a
+    negative is its own hatched segment of the pool bar."""
+    from matplotlib.figure import Figure
+
+    from orpo_distill.report import model_title, plot_epochs, plot_negative_pool, pool_makeup
+
+    student = tmp_path / "assets" / "student"
+    student.mkdir(parents=True)
+    (student / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2,
+                                                     "hidden_size": 128}))
+    assert model_title(str(student)) == "student (llama, 2 x 128)"
+    assert model_title("org/model") == "org/model"
+
+    def seed(s: int, orpo: bool) -> dict:
+        eps = [{"epoch": e, "accuracy": 0.3 + 0.1 * e + 0.01 * s, "loss": 1.0 / e,
+                **({"nll": 0.5 / e, "l_or": 0.6 / e, "pool": {"questions": 10, "from_current": 4, "from_initial": 4,
+                                                             "from_older": 0, "from_teacher": 0,
+                                                             "no_negatives": 2}} if orpo else {})}
+               for e in (1, 2)]
+        return {"accuracy": 0.5, "n": 20, "unparsed": 0, "seed": s, "per_epoch": eps}
+
+    variants = {"sft_diverse": aggregate([seed(s, False) for s in (0, 1)]),
+                "orpo_mixed": aggregate([seed(s, True) for s in (0, 1)])}
+    pool = variants["orpo_mixed"]["per_epoch"][0]["pool"]
+    assert pool["none_share"] == pytest.approx(0.2) and pool["current"] == pytest.approx(0.5)
+    assert pool_makeup({"questions": 10, "from_current": 10, "no_negatives": 0})["none_share"] == 0.0
+    results = {"task": "synthetic", "teacher": "org/teacher", "student": str(student), "variants": variants,
+               "config": {"eval": {"split": "test"}}}
+
+    seen: dict[str, Figure] = {}
+    real_save = Figure.savefig
+
+    def keep(fig: Figure, *a, **k):
+        seen[str(len(seen))] = fig
+        return real_save(fig, *a, **k)
+
+    import unittest.mock as mock
+
+    with mock.patch.object(Figure, "savefig", keep):
+        assert plot_epochs(results, tmp_path / "e.png").is_file()
+        assert plot_negative_pool(results, tmp_path / "p.png").is_file()
+    epochs_fig, pool_fig = seen["0"], seen["1"]
+    acc_ax, nll_ax, or_ax = epochs_fig.axes
+    assert "std over 2 seeds" in acc_ax.get_title()
+    assert "NLL" in nll_ax.get_title() and "L_OR" in or_ax.get_title()
+    assert [round(y, 6) for y in or_ax.lines[0].get_ydata()] == [0.6, 0.3]  # L_OR, not the total loss
+    assert "student (llama, 2 x 128)" in epochs_fig._suptitle.get_text()
+    assert "assets/student" not in epochs_fig._suptitle.get_text()
+    labels = pool_fig.axes[0].get_legend_handles_labels()[1]
+    assert "no negative (SFT only)" in labels
+    tops = [p.get_y() + p.get_height() for p in pool_fig.axes[0].patches]
+    assert max(tops) == pytest.approx(100.0)  # sources scaled to 80 % + 20 % without a negative

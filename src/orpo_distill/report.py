@@ -165,9 +165,15 @@ def pool_makeup(pool: Mapping[str, Any]) -> dict[str, Any]:
         total = sum(counts.values())
         out: dict[str, Any] = {s: (c / total if total else 0.0) for s, c in counts.items()}
         out["none"] = pool.get("no_negatives")
+        questions = _finite(pool.get("questions"))
+        none = _finite(pool.get("no_negatives"))
+        if questions and none is not None:  # of all questions with chosen traces: those left SFT-only
+            out["none_share"] = none / questions
     else:
         out = {s: pool.get(s) for s in POOL_SOURCES}
         out["none"] = pool.get("none")
+        if _finite(pool.get("none_share")) is not None:
+            out["none_share"] = pool.get("none_share")
     out["mean_age"] = pool.get("mean_age")
     return out
 
@@ -516,9 +522,28 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def model_title(model: Any) -> str:
+    """A model's name for plot titles: a local folder by its name and architecture from its config.json
+    ("student (llama, 2 x 128, 0.4M)"), anything else as `model_label` gives it."""
+    if isinstance(model, (list, tuple)):
+        return " + ".join(model_title(m) for m in model)
+    text = str(model)
+    cfg_path = Path(text) / "config.json"
+    try:
+        c = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else None
+    except (OSError, ValueError):
+        c = None
+    if not isinstance(c, dict):
+        return model_label(model)
+    layers = c.get("num_hidden_layers") or c.get("n_layer")
+    hidden = c.get("hidden_size") or c.get("n_embd")
+    size = f", {layers} x {hidden}" if layers and hidden else ""
+    return f"{Path(text).name} ({c.get('model_type', '?')}{size})"
+
+
 def _title(results: Mapping[str, Any]) -> str:
-    return (f"{results.get('task', '')}: {model_label(results.get('student', '?'))} taught by "
-            f"{model_label(results.get('teacher', '?'))}")
+    return (f"{results.get('task', '')}: student {model_title(results.get('student', '?'))} taught by "
+            f"{model_title(results.get('teacher', '?'))}")
 
 
 def plot_run(results: Mapping[str, Any], plots_dir: str | os.PathLike[str]) -> list[Path]:
@@ -565,6 +590,10 @@ def plot_accuracy_by_variant(results: Mapping[str, Any], path: str | os.PathLike
 
 
 def plot_epochs(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path | None:
+    """Accuracy after each epoch (shaded: ± std over the seeds), then the losses on their own axes: the NLL of the
+    chosen traces (an SFT variant's whole loss, an ORPO variant's L_SFT part) and ORPO's odds-ratio term L_OR,
+    which have different scales and meanings. An ORPO entry without its parts logged shows its total loss in the
+    third panel, named so."""
     from matplotlib.figure import Figure
 
     variants = results["variants"]
@@ -572,45 +601,76 @@ def plot_epochs(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Pat
     series = {v: eps for v, eps in series.items() if eps}
     if not series:
         return None
-    fig = Figure(figsize=(11, 4.2))
-    ax_acc, ax_loss = fig.subplots(1, 2)
-    any_loss = False
+
+    def pts(eps: Sequence[Mapping[str, Any]], key: str, scale: float = 1.0) -> list[tuple[Any, float]]:
+        return [(ep["epoch"], scale * x) for ep in eps if (x := _finite(ep.get(key))) is not None]
+
+    def is_orpo(eps: Sequence[Mapping[str, Any]]) -> bool:
+        return any(_finite(ep.get(k)) is not None for ep in eps for k in ("l_or", "log_odds", "pref_acc"))
+
+    has_orpo = any(is_orpo(eps) for eps in series.values())
+    fig = Figure(figsize=(15 if has_orpo else 11, 4.4))
+    axes = fig.subplots(1, 3 if has_orpo else 2)
+    ax_acc, ax_nll = axes[0], axes[1]
+    ax_or = axes[2] if has_orpo else None
+    seeds = max((int(ep.get("n_seeds") or 1) for eps in series.values() for ep in eps), default=1)
+    or_total = False
     for i, (v, eps) in enumerate(series.items()):
         c = _color(v, i)
-        pts = [(ep["epoch"], 100 * _finite(ep.get("accuracy"))) for ep in eps
-               if _finite(ep.get("accuracy")) is not None]
-        if pts:
-            ax_acc.plot(*zip(*pts, strict=True), marker="o", color=c, label=variant_label(v))
+        acc = pts(eps, "accuracy", 100.0)
+        if acc:
+            ax_acc.plot(*zip(*acc, strict=True), marker="o", color=c, label=variant_label(v))
             errs = [100 * (_finite(ep.get("accuracy_std")) or 0.0) for ep in eps
                     if _finite(ep.get("accuracy")) is not None]
             if any(errs):
-                ax_acc.fill_between([p[0] for p in pts], [p[1] - e for p, e in zip(pts, errs, strict=True)],
-                                    [p[1] + e for p, e in zip(pts, errs, strict=True)], color=c, alpha=0.15)
-        lpts = [(ep["epoch"], _finite(ep.get("loss"))) for ep in eps if _finite(ep.get("loss")) is not None]
-        if lpts:
-            any_loss = True
-            ax_loss.plot(*zip(*lpts, strict=True), marker="o", color=c, label=variant_label(v))
+                ax_acc.fill_between([p[0] for p in acc], [p[1] - e for p, e in zip(acc, errs, strict=True)],
+                                    [p[1] + e for p, e in zip(acc, errs, strict=True)], color=c, alpha=0.15)
+        orpo = is_orpo(eps)
+        nll = pts(eps, "nll") if orpo else pts(eps, "loss")
+        if nll:
+            ax_nll.plot(*zip(*nll, strict=True), marker="o", color=c, linestyle="--" if orpo else "-",
+                        label=variant_label(v))
+        if orpo and ax_or is not None:
+            lor = pts(eps, "l_or")
+            if not lor:
+                lor, or_total = pts(eps, "loss"), True
+            if lor:
+                ax_or.plot(*zip(*lor, strict=True), marker="o", color=c, label=variant_label(v))
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.set_title("accuracy after each epoch", fontsize=10)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("training loss (epoch mean)")
-    ax_loss.set_title("training loss" if any_loss else "training loss (not recorded)", fontsize=10)
-    for ax in (ax_acc, ax_loss):
+    ax_acc.set_ylabel("test accuracy (%)" if _eval_split(results) == "test" else "accuracy (%)")
+    band = f"; band: ± std over {seeds} seeds" if seeds > 1 else " (one seed)"
+    ax_acc.set_title(f"accuracy after each epoch (mean{band})" if seeds > 1 else f"accuracy after each epoch{band}",
+                     fontsize=9)
+    ax_nll.set_xlabel("epoch")
+    ax_nll.set_ylabel("mean NLL per completion token (epoch mean)")
+    ax_nll.set_title("NLL of the chosen (teacher) traces\nsolid: SFT loss; dashed: L_SFT part of ORPO", fontsize=9)
+    if ax_or is not None:
+        ax_or.set_xlabel("epoch")
+        ax_or.set_ylabel("L_OR = -log sigmoid(log odds ratio)" if not or_total else "ORPO loss")
+        ax_or.set_title("ORPO odds-ratio term L_OR (epoch mean)\nln 2 = 0.69: chosen and rejected equally likely"
+                        if not or_total else "ORPO total loss L_SFT + lambda L_OR (parts not logged)", fontsize=9)
+        if not or_total:
+            ax_or.axhline(math.log(2), color="grey", linewidth=0.8, linestyle=":")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     handles, labels = ax_acc.get_legend_handles_labels()
     if not handles:
-        handles, labels = ax_loss.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+        handles, labels = ax_nll.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))), fontsize=8, frameon=False)
     fig.suptitle(_title(results), fontsize=10)
-    fig.subplots_adjust(bottom=0.25, wspace=0.25)
+    fig.subplots_adjust(bottom=0.27, top=0.8, wspace=0.3)
     return _save(fig, Path(path))
 
 
+def _eval_split(results: Mapping[str, Any]) -> str:
+    return str(((results.get("config") or {}).get("eval") or {}).get("split", ""))
+
+
 def plot_negative_pool(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path | None:
-    """Stacked bars per ORPO variant: share of negatives from the current student, the initial student and the
-    teacher after each epoch; the count of questions left without a negative is written above each bar."""
+    """Stacked bars per ORPO variant and epoch: the share of questions whose negatives came from the current
+    student, an earlier epoch's, the initial student or the teacher, and (hatched) the share left without any
+    negative, trained SFT-only that epoch (older results without that share: its count above the bar)."""
     from matplotlib.figure import Figure
 
     variants = results["variants"]
@@ -627,28 +687,41 @@ def plot_negative_pool(results: Mapping[str, Any], path: str | os.PathLike[str])
                   "teacher": "teacher"}
     sources = [s for s in POOL_SOURCES if s != "older" or any(ep["pool"].get("older") for eps in series.values()
                                                                for ep in eps)]
+    # Questions left without a negative (trained SFT-only that epoch) are their own share of the bar, so the
+    # sources' shares are scaled to the questions that did get one; an old results file without the share of
+    # questions only says how many.
+    with_share = all(_finite(ep["pool"].get("none_share")) is not None for eps in series.values() for ep in eps)
     fig = Figure(figsize=(max(4.0, 3.6 * len(series)), 4.0))
     axes = fig.subplots(1, len(series), squeeze=False, sharey=True)[0]
     for ax, (v, eps) in zip(axes, series.items(), strict=True):
         xs = [ep["epoch"] for ep in eps]
         bottom = [0.0] * len(eps)
+        got = [1.0 - float(ep["pool"]["none_share"]) if with_share else 1.0 for ep in eps]
         for src in sources:
-            vals = [100 * float(ep["pool"].get(src) or 0.0) for ep in eps]
+            vals = [100 * g * float(ep["pool"].get(src) or 0.0) for g, ep in zip(got, eps, strict=True)]
             ax.bar(xs, vals, bottom=bottom, color=src_colors[src], label=src_labels[src], edgecolor="white",
                    linewidth=0.5)
             bottom = [b + x for b, x in zip(bottom, vals, strict=True)]
-        for x, top, ep in zip(xs, bottom, eps, strict=True):
-            none = ep["pool"].get("none")
-            if isinstance(none, (int, float)) and none > 0:
-                ax.annotate(f"none: {none:g}", (x, top), xytext=(0, 2), textcoords="offset points", ha="center",
-                            va="bottom", fontsize=7)
+        if with_share:
+            vals = [100 * (1.0 - g) for g in got]
+            ax.bar(xs, vals, bottom=bottom, color="white", hatch="///", edgecolor="#555555", linewidth=0.5,
+                   label="no negative (SFT only)")
+            for x, b, val in zip(xs, bottom, vals, strict=True):
+                if val >= 6:
+                    ax.annotate(f"{val:.0f}%", (x, b + val / 2), ha="center", va="center", fontsize=7)
+        else:
+            for x, top, ep in zip(xs, bottom, eps, strict=True):
+                none = ep["pool"].get("none")
+                if isinstance(none, (int, float)) and none > 0:
+                    ax.annotate(f"none: {none:g}", (x, top), xytext=(0, 2), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=7)
         ax.set_title(variant_label(v), fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_xticks(xs)
         ax.set_ylim(0, 112)
-    axes[0].set_ylabel("share of questions' negatives (%)")
+    axes[0].set_ylabel("share of questions (%)" if with_share else "share of questions' negatives (%)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(sources), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"{_title(results)}\nwhere each epoch's rejected traces came from", fontsize=10)
     fig.subplots_adjust(bottom=0.25, top=0.8)
     return _save(fig, Path(path))
