@@ -298,6 +298,11 @@ class RunConfig(_Section):
     seeds: int = Field(1, ge=1, description="train and evaluate each variant with this many seeds")
     threads: int | None = Field(None, ge=1, description="torch CPU threads for `run`/`demo` (default: torch's "
                                                          "choice; 1 is faster on a busy small CPU)")
+    workers: int | None = Field(None, ge=1, description="processes that train the variant x seed jobs side by "
+                                "side, sharing the trace store; each uses run.threads torch threads (default 1); "
+                                "results equal a sequential run's (default: 1 for `run`, one per CPU core for "
+                                "`demo`). Ignored under torchrun / accelerate launch (the ranks already share "
+                                "each job), with student.backend vllm, and for a GPU student unless set")
     variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS), min_length=1,
                                     description="rows of the results table to train and evaluate (at least one)")
 

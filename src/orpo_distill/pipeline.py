@@ -82,15 +82,18 @@ def _store_costs(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def run(cfg: Config, *, progress: bool = True, validate: bool = False, checked: bool = False) -> dict[str, Any]:
+def run(cfg: Config, *, progress: bool = True, validate: bool = False, checked: bool = False,
+        job_bars: bool = True) -> dict[str, Any]:
     """Run the whole pipeline for one config; returns the results dict also written to `results.json`.
+
+    With `progress`, one overall line per event (stage, jobs done of total, elapsed, ETA) and each job's accuracy
+    as it finishes; `job_bars` adds each job's own step bars when jobs run one at a time.
 
     Raises `UserError` from `preflight` before anything is written (unless `checked`: the caller ran it), and
     `TrainingDiverged` at the end when a variant diverged (the others are trained and reported first)."""
     from . import report
     from .distributed import init_process_group
     from .sampling.stage import run_traces
-    from .train import run_train
 
     # Under a launcher (torchrun, `accelerate launch`) every rank runs this function: rank 0 alone samples the
     # teacher and initial student and writes every file; all ranks train together; the others wait at barriers
@@ -127,18 +130,14 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False, checked: 
     _barrier(info)
 
     # 3. every variant x seed (each skipped when its result.json exists, resumed from its checkpoint otherwise);
-    # one at a time, so that a variant that diverges is recorded and the others still run
-    _log(progress, f"stage 3/4: {len(variants)} variant(s) x {cfg.run.seeds} seed(s)")
+    # each job on its own, so that a variant that diverges is recorded and the others still run; in one process
+    # they may run side by side in `run.workers` worker processes
+    workers = effective_workers(cfg, info.world, len(variants) * cfg.run.seeds)
+    _log(progress, f"stage 3/4: {len(variants)} variant(s) x {cfg.run.seeds} seed(s)"
+         + (f" in {workers} worker processes" if workers > 1 else ""))
     t = time.perf_counter()
-    trained: list[dict[str, Any]] = []
-    diverged: list[tuple[str, int, str]] = []
-    for v in variants:
-        for s in seeds_of(cfg):
-            try:
-                trained += run_train(cfg, variants=[v], seeds=[s], progress=progress)
-            except TrainingDiverged as e:
-                diverged.append((v, s, str(e)))
-                print(f"orpo-distill: {e} (the other variants go on)", file=sys.stderr, flush=True)
+    trained, diverged = train_jobs(cfg, [(v, s) for v in variants for s in seeds_of(cfg)], workers=workers,
+                                   progress=progress, job_bars=job_bars)
     timings["train_and_eval_s"] = time.perf_counter() - t
     if validate and main:
         trained = [validate_result(cfg, r, progress=progress) for r in trained]
@@ -156,6 +155,164 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False, checked: 
         err.results = results  # type: ignore[attr-defined]
         raise err
     return results
+
+
+def effective_workers(cfg: Config, world: int, n_jobs: int) -> int:
+    """How many worker processes train the jobs: `run.workers` (default 1; `demo` sets one per core), never more
+    than the jobs, and 1 under a launcher (the ranks share every job) or with a vLLM student (its engine)."""
+    if world > 1 or cfg.student.backend == "vllm" or n_jobs <= 1 or not cfg.run.workers:
+        return 1
+    return max(1, min(cfg.run.workers, n_jobs))
+
+
+def cpu_workers(cfg: Config) -> int:
+    """One worker per CPU core this process may use, for a CPU student (1 on a GPU: trainers would queue on it)."""
+    device = str(cfg.student.device)
+    if device.startswith("cuda") or (device == "auto" and _cuda_available()):
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _job_worker(cfg: Config, variant: str, seed: int, threads: int) -> tuple[str, Any]:
+    """One variant x seed in a worker process: ("ok", [result]) or ("diverged", message)."""
+    import torch
+
+    from .train import run_train
+
+    torch.set_num_threads(threads)
+    try:
+        return "ok", run_train(cfg, variants=[variant], seeds=[seed], progress=False)
+    except TrainingDiverged as e:
+        return "diverged", str(e)
+
+
+def _job_weight(cfg: Config, variant: str) -> float:
+    from .demo.estimate import DEFAULT_UNITS, variant_seconds
+
+    try:
+        return max(1e-3, variant_seconds(cfg, variant, DEFAULT_UNITS))
+    except Exception:  # an estimate is never worth failing a run over  # noqa: BLE001
+        return 1.0
+
+
+def train_jobs(cfg: Config, jobs: Sequence[tuple[str, int]], *, workers: int = 1, progress: bool = True,
+               job_bars: bool = True) -> tuple[list[dict[str, Any]], list[tuple[str, int, str]]]:
+    """Train and evaluate every (variant, seed) job; returns the results in job order and the diverged jobs.
+
+    With `workers` > 1 the jobs run in that many spawned processes (one `run_train` call per job, as in
+    sequence, so the results are the same): each opens the shared trace store itself (SQLite WAL, writers wait
+    for each other; the student refreshes it writes are keyed by variant and seed and sampled under the store's
+    lock). The most expensive jobs start first. A job that diverges is recorded; any other error stops the run.
+    """
+    from .train import run_train
+
+    line = ProgressLine(progress, "stage 3/4: train + eval", {j: _job_weight(cfg, j[0]) for j in jobs}, workers)
+    done: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    diverged: dict[tuple[str, int], str] = {}
+
+    def finished(job: tuple[str, int], status: str, payload: Any) -> None:
+        if status == "ok":
+            done[job] = payload
+            line.job_done(job, payload[0] if payload else None)
+        else:
+            diverged[job] = payload
+            line.job_done(job, None, note="diverged")
+            print(f"orpo-distill: {payload} (the other variants go on)", file=sys.stderr, flush=True)
+
+    if workers <= 1:
+        for v, s in jobs:
+            try:
+                finished((v, s), "ok", run_train(cfg, variants=[v], seeds=[s], progress=progress and job_bars))
+            except TrainingDiverged as e:
+                finished((v, s), "diverged", str(e))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        threads = cfg.run.threads or 1
+        order = sorted(jobs, key=lambda j: -line.weights[j])  # longest first: the last job ends soonest
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_job_worker, cfg, v, s, threads): (v, s) for v, s in order}
+            try:
+                pending = set(futures)
+                while pending:
+                    ready, pending = wait(pending, timeout=line.tick_s, return_when=FIRST_COMPLETED)
+                    for f in ready:
+                        finished(futures[f], *f.result())
+                    line.tick()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+    line.close()
+    trained = [r for j in jobs for r in done.get(j, [])]
+    return trained, [(v, s, diverged[(v, s)]) for v, s in jobs if (v, s) in diverged]
+
+
+class ProgressLine:
+    """The run's one progress line: stage, jobs done of total, elapsed, ETA; each job's accuracy as it ends.
+
+    The ETA weighs each remaining job by its estimated cost (`demo.estimate`: unit costs measured on a small CPU)
+    and, once a job has finished, scales the estimate by how fast this run actually goes. On a terminal the line
+    is redrawn in place; in a log one line is written per finished job.
+    """
+
+    def __init__(self, enabled: bool, stage: str, weights: dict[tuple[str, int], float], workers: int) -> None:
+        self.enabled, self.stage, self.weights, self.workers = enabled, stage, dict(weights), max(1, workers)
+        self.t0 = time.perf_counter()
+        self.done_w = 0.0
+        self.n_done = 0
+        self.tty = enabled and sys.stdout.isatty()
+        self.tick_s = 1.0 if self.tty else 30.0
+        self.draw()
+
+    def eta_s(self) -> float:
+        left = sum(self.weights.values()) - self.done_w
+        elapsed = time.perf_counter() - self.t0
+        if self.done_w > 0:
+            return left * elapsed / self.done_w
+        return max(0.0, left / self.workers - elapsed)
+
+    def text(self) -> str:
+        return (f"[orpo-distill] {self.stage}: {self.n_done}/{len(self.weights)} variant x seed done, "
+                f"{_clock(time.perf_counter() - self.t0)} elapsed, ETA {_clock(self.eta_s())}")
+
+    def draw(self) -> None:
+        if self.tty:
+            print("\r\033[K" + self.text(), end="", flush=True)
+        elif self.enabled:
+            print(self.text(), flush=True)
+
+    def tick(self) -> None:
+        if self.tty:
+            self.draw()
+
+    def job_done(self, job: tuple[str, int], result: dict[str, Any] | None, note: str = "") -> None:
+        self.n_done += 1
+        self.done_w += self.weights.get(job, 0.0)
+        if not self.enabled:
+            return
+        fin = (result or {}).get("final_eval") or {}
+        acc = f"accuracy {100 * fin['accuracy']:.1f}%" if "accuracy" in fin else (note or "no accuracy")
+        if self.tty:
+            print("\r\033[K", end="")
+        print(f"  {job[0]} seed {job[1]}: {acc}", flush=True)
+        self.draw()
+
+    def close(self) -> None:
+        if self.tty:
+            print(flush=True)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _barrier(info: Any) -> None:
@@ -538,7 +695,10 @@ def demo_config(out: str | os.PathLike[str], *, quick: bool = False, overrides: 
     quick_over = ((data.pop("quick", None) or {}) if quick else {})
     data.pop("quick", None)
     items = [f"{k}={json.dumps(v)}" for k, v in quick_over.items()] + [f"run.out_dir={out}", *overrides]
-    return config_from_dict(apply_overrides(data, items), "demo.yaml" + (" --quick" if quick else ""))
+    cfg = config_from_dict(apply_overrides(data, items), "demo.yaml" + (" --quick" if quick else ""))
+    if cfg.run.workers is None:  # the demo's default: its variant x seed jobs side by side, one per core
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workers": cpu_workers(cfg)})})
+    return cfg
 
 
 def run_demo(out: str | os.PathLike[str], *, quick: bool = False, overrides: Sequence[str] = (),
@@ -549,7 +709,7 @@ def run_demo(out: str | os.PathLike[str], *, quick: bool = False, overrides: Seq
     cfg = demo_config(out, quick=quick, overrides=overrides)
     t0 = time.perf_counter()
     try:
-        results = run(cfg, progress=progress)
+        results = run(cfg, progress=progress, job_bars=False)
     except TrainingDiverged as e:  # the finished variants are still worth showing
         if getattr(e, "results", None):
             print(render_results_md(e.results, []), end="")  # type: ignore[attr-defined]

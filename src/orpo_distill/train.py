@@ -99,7 +99,8 @@ def variant_dir(cfg: Config, variant: str, seed: int) -> Path:
 # so batch sizes do not change what is drawn). A teacher's trace-store identity is its model id and revision
 # (prompt format included), so its serving settings are "neither": the store already says which traces exist.
 HASH_CLASSES: dict[str, str] = {
-    **dict.fromkeys(["run.out_dir", "run.store", "run.seed", "run.seeds", "run.threads", "run.variants"], "neither"),
+    **dict.fromkeys(["run.out_dir", "run.store", "run.seed", "run.seeds", "run.threads", "run.variants",
+                      "run.workers"], "neither"),
     **dict.fromkeys(["task.name", "task.kind", "task.fields", "task.grader", "task.skip_invalid", "task.synthetic",
                      *(f"task.train.{k}" for k in ("path", "split", "subset", "limit", "sample_seed"))], "weights"),
     **dict.fromkeys([f"task.{s}.{k}" for s in ("validation", "test")

@@ -143,36 +143,52 @@ def measure_units(cfg: Config, n_questions: int = 24) -> dict[str, float]:
     }
 
 
-def estimate(cfg: Config, u: dict[str, float]) -> dict[str, float]:
-    """Seconds per stage of `orpo-distill run` for `cfg`, from the unit costs `u`."""
+# Unit costs measured on this project's 2-core CPU with one torch thread and the shipped demo models (the
+# pipeline's ETA starts from these and then follows what the run itself measures).
+DEFAULT_UNITS: dict[str, float] = {
+    "teacher_s_per_sample": 0.0066, "student_s_per_sample": 0.0034, "greedy_s_per_question": 0.01,
+    "sft_s_per_sequence": 0.125 / 32, "orpo_s_per_pair": 0.245 / 32, "teacher_correct_share": 0.9,
+    "kept_positives_per_question": 7.0, "questions_with_positive": 1.0, "student_wrong_share": 0.9}
+
+
+def variant_seconds(cfg: Config, variant: str, u: dict[str, float]) -> float:
+    """Seconds one seed of `variant` costs (training, refreshes, evaluations), from its spec and the unit costs;
+    works for any variant in `train.SPECS` (a new row needs no entry here)."""
+    from ..train import variant_spec
+
+    spec = variant_spec(variant)
     syn = cfg.task.synthetic
     n = cfg.task.train.limit or syn.get("n_train", 1000)
     t = cfg.task.test.limit or syn.get("n_test", 500)
     if cfg.eval.split == "validation":
         t = cfg.task.validation.limit or syn.get("n_validation", 200)
     k, sk = cfg.sampling.k, cfg.sampling.student_k or cfg.sampling.k
-    e, seeds = cfg.trainer.epochs, cfg.run.seeds
-    pos = u["kept_positives_per_question"]
-    neg = u["student_wrong_share"] * sk
-    cap = cfg.pairs.max_pairs_per_question or 10**9
-    pairs_q = min(cap, max(pos, neg)) * u["questions_with_positive"]
-    teacher_neg = (1 - u["teacher_correct_share"]) * k
-    pairs_tq = min(cap, max(pos, teacher_neg)) * u["questions_with_positive"]
+    e = cfg.trainer.epochs
+    if spec.objective == "none":
+        return t * u["greedy_s_per_question"]
     evals = (e if cfg.eval.every_epoch else 1) * t * u["greedy_s_per_question"]
-    per_variant = {
-        "zero_shot": t * u["greedy_s_per_question"],
-        "sft_single": e * n * u["questions_with_positive"] * u["sft_s_per_sequence"] + evals,
-        "sft_diverse": e * n * pos * u["sft_s_per_sequence"] + evals,
-        "orpo_teacher_neg": e * n * pairs_tq * u["orpo_s_per_pair"] + evals,
-        "orpo_off": e * n * pairs_q * u["orpo_s_per_pair"] + evals,
-        "orpo_on": e * n * pairs_q * u["orpo_s_per_pair"] + evals + (e - 1) * n * sk * u["student_s_per_sample"],
-        "orpo_mixed": (e * n * pairs_q * u["orpo_s_per_pair"] + evals
-                       + (e - 1) * cfg.policy.phi * n * sk * u["student_s_per_sample"]),
-    }
+    pos = u["kept_positives_per_question"]
+    if spec.objective == "sft":
+        per_q = u["questions_with_positive"] if spec.chosen == "one" else pos
+        return e * n * per_q * u["sft_s_per_sequence"] + evals
+    cap = cfg.pairs.max_pairs_per_question or 10**9
+    neg = (1 - u["teacher_correct_share"]) * k if spec.negatives == "teacher" else u["student_wrong_share"] * sk
+    pairs_q = min(cap, max(pos, neg)) * u["questions_with_positive"]
+    phi = cfg.policy.phi if spec.phi is None else spec.phi
+    refresh = 0.0 if spec.negatives != "student" else (e - 1) * phi * n * sk * u["student_s_per_sample"]
+    return e * n * pairs_q * u["orpo_s_per_pair"] + evals + refresh
+
+
+def estimate(cfg: Config, u: dict[str, float]) -> dict[str, float]:
+    """Seconds per stage of `orpo-distill run` for `cfg`, from the unit costs `u` (all variants x seeds in
+    sequence; with `run.workers` N they spread over N processes)."""
+    syn = cfg.task.synthetic
+    n = cfg.task.train.limit or syn.get("n_train", 1000)
+    k, sk = cfg.sampling.k, cfg.sampling.student_k or cfg.sampling.k
     out = {"teacher_traces": n * k * u["teacher_s_per_sample"],
            "initial_student_traces": n * sk * u["student_s_per_sample"]}
     for v in cfg.run.variants:
-        out[v] = seeds * per_variant[v]
+        out[v] = cfg.run.seeds * variant_seconds(cfg, v, u)
     out["total"] = sum(out.values())
     return {key: round(val, 1) for key, val in out.items()}
 

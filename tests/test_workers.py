@@ -1,0 +1,77 @@
+"""`run.workers`: variant x seed jobs trained in worker processes that share one trace store give the same results,
+weights, pools and student-refresh traces as the same jobs in sequence; the worker count rules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orpo_distill.cli import main
+from orpo_distill.config import config_from_dict
+from orpo_distill.demo import assets_dir
+from orpo_distill.pipeline import effective_workers
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _cfg(out: Path, workers: int) -> dict:
+    return {"run": {"out_dir": str(out), "seeds": 2, "workers": workers, "threads": 1,
+                    "variants": ["sft_single", "orpo_on"]},
+            "task": {"name": "synthetic", "synthetic": {"n_train": 6, "n_validation": 2, "n_test": 4}},
+            "teacher": {"model": str(assets_dir() / "teacher"), "template": "plain", "device": "cpu"},
+            "student": {"model": str(assets_dir() / "student"), "template": "plain", "device": "cpu"},
+            "sampling": {"k": 2, "max_new_tokens": 40}, "eval": {"max_new_tokens": 40},
+            "policy": {"gold_rationale_fallback": True, "unparsed_negatives": True},
+            "trainer": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "report_to": ["jsonl"]}}
+
+
+def _outcome(out: Path) -> dict:
+    from orpo_distill.store import TraceStore
+
+    res = json.loads((out / "results.json").read_text())
+    weights = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in sorted((out / "variants").rglob("model.safetensors"))}
+    pools = {str(p.relative_to(out)): p.read_text() for p in sorted((out / "variants").rglob("pools/epoch*.json"))}
+    with TraceStore(out / "traces.sqlite", readonly=True) as store:
+        refresh = sorted((t.source, t.revision, t.question_id, t.sample_index, t.completion)
+                         for t in store.traces(role="student") if t.source.startswith("epoch:"))
+    per_seed = {str(p.relative_to(out)): {k: json.loads(p.read_text()).get(k) for k in ("final_eval", "per_epoch")}
+                for p in sorted((out / "variants").rglob("result.json"))}
+    for r in per_seed.values():  # wall-clock fields differ between any two runs
+        for e in [r["final_eval"] or {}] + [ep.get("eval") or {} for ep in r["per_epoch"] or []]:
+            e.pop("seconds", None)
+        for ep in r["per_epoch"] or []:
+            for k in [k for k in ep if "second" in k or k.endswith("_s") or "per_s" in k]:
+                ep.pop(k)
+    per_seed["table"] = {v: (e["accuracy"], e["seeds"]) for v, e in res["variants"].items()}
+    return {"results": per_seed, "weights": weights, "pools": pools, "refresh": refresh}
+
+
+def test_parallel_workers_equal_sequential(tmp_path):
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        path = tmp_path / f"w{workers}.yaml"
+        path.write_text(yaml.safe_dump(_cfg(out, workers)))
+        assert main(["run", str(path), "--no-progress"]) == 0
+        outs[workers] = _outcome(out)
+    seq, par = outs[1], outs[2]
+    assert len(seq["weights"]) == 4 and seq["refresh"], "the config must train 4 models and refresh the student"
+    assert par["results"] == seq["results"]
+    assert par["weights"] == seq["weights"]
+    assert par["pools"] == seq["pools"]
+    assert par["refresh"] == seq["refresh"]
+
+
+def test_worker_count_rules():
+    cfg = config_from_dict({"run": {"workers": 4}})
+    assert effective_workers(cfg, 1, 10) == 4
+    assert effective_workers(cfg, 1, 3) == 3  # never more than the jobs
+    assert effective_workers(cfg, 2, 10) == 1  # torchrun / accelerate launch: the ranks share each job
+    assert effective_workers(config_from_dict({"run": {}}), 1, 10) == 1  # `run` default
+    vllm = config_from_dict({"run": {"workers": 4}, "student": {"backend": "vllm"}})
+    assert effective_workers(vllm, 1, 10) == 1
