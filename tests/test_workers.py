@@ -75,3 +75,13 @@ def test_worker_count_rules():
     assert effective_workers(config_from_dict({"run": {}}), 1, 10) == 1  # `run` default
     vllm = config_from_dict({"run": {"workers": 4}, "student": {"backend": "vllm"}})
     assert effective_workers(vllm, 1, 10) == 1
+
+
+def test_demo_defaults_to_one_worker_per_core_and_cli_sets_it(tmp_path, capsys):
+    from orpo_distill.pipeline import cpu_workers, demo_config
+
+    cfg = demo_config(tmp_path / "d")
+    assert cfg.run.workers == cpu_workers(cfg) >= 1
+    assert demo_config(tmp_path / "d", overrides=["run.workers=1"]).run.workers == 1
+    assert main(["demo", "--workers", "0", "--out", str(tmp_path / "d")]) == 2
+    assert "--workers" in capsys.readouterr().err

@@ -249,6 +249,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"run.out_dir={args.out}")
     if args.seeds is not None:
         overrides.append(f"run.seeds={args.seeds}")
+    if args.workers is not None:
+        overrides.append(f"run.workers={args.workers}")
     grid = parse_sweep(args.sweep) if args.sweep else None  # bad --sweep syntax fails before the config loads
     cfg = load_config(args.config, overrides)
     out = Path(cfg.run.out_dir)
@@ -281,9 +283,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import demo_config, run_demo, store_errors
     from .sampling.stage import store_path
 
-    cfg = demo_config(args.out, quick=args.quick, overrides=args.overrides)  # bad overrides fail here
+    overrides = list(args.overrides) + ([f"run.workers={args.workers}"] if args.workers is not None else [])
+    cfg = demo_config(args.out, quick=args.quick, overrides=overrides)  # bad overrides fail here
     with store_errors(store_path(cfg)):
-        run_demo(args.out, quick=args.quick, overrides=args.overrides, progress=not args.no_progress)
+        run_demo(args.out, quick=args.quick, overrides=overrides, progress=not args.no_progress)
     return 0
 
 
@@ -358,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
                    help="a grid, e.g. --sweep objective.lam=0.1,1 policy.phi=0,0.5,1: one run per cell (traces "
                         "shared), the best cell chosen on validation accuracy, summary in OUT/sweep.md")
+    p.add_argument("--workers", type=_positive, default=None, metavar="N",
+                   help="train the variant x seed jobs in N processes side by side (sets run.workers; default 1; "
+                        "same results as one after another)")
     _add_progress_arg(p)
     p.set_defaults(func=cmd_run)
 
@@ -368,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "holds a run with other settings.")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo; --quick needs its own)")
     p.add_argument("--quick", action="store_true", help="fewer questions and one seed (about a minute)")
+    p.add_argument("--workers", type=_positive, default=None, metavar="N",
+                   help="train the variant x seed jobs in N processes side by side (sets run.workers; default: "
+                        "one per CPU core)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="change keys of the demo config, e.g. "
                                                                      "trainer.epochs=1")
     _add_progress_arg(p)
