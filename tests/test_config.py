@@ -48,7 +48,7 @@ def test_overrides_are_pure():
     ("bogus.x=1", ["bogus", "unknown key", "trainer"]),
     ("policy.phi=1.5", ["policy.phi", "less than or equal to 1"]),
     ("sampling.k=0", ["sampling.k", "greater than or equal to 1"]),
-    ("policy.schedule=cosine", ["policy.schedule", "'constant' or 'linear'"]),
+    ("policy.schedule=cosine", ["policy.schedule", "'constant', 'linear' or 'adaptive'"]),
     ("objective.nll_scope=prompt", ["objective.nll_scope", "'completion' or 'all'"]),
     ("trainer.epochs=many", ["trainer.epochs", "valid integer"]),
     ("run.variants=[orpo_best]", ["run.variants.0", "orpo_mixed"]),

@@ -150,3 +150,76 @@ def test_teacher_negatives_baseline_and_pool_roundtrip():
         restore_pools(saved, {})
     with pytest.raises(ValueError, match="mode"):
         NegativePolicy(QIDS, load=store.load, mode="both")
+
+
+# ---------------------------------------------------------------- schedule: adaptive
+
+def test_adaptive_phi_on_a_scripted_sequence_of_signals():
+    from orpo_distill.policy import adaptive_phi
+
+    start = 0.8
+    signals = [0.8, 0.9, 0.6, 0.4, 0.2, 0.0]  # no movement, worse than at the start, then the negatives are beaten
+    assert [round(adaptive_phi(s, start), 6) for s in signals] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0]
+    assert adaptive_phi(0.3, 0.0) == 1.0  # nothing pulled from the start: on-policy
+    with pytest.raises(ValueError):
+        adaptive_phi(float("nan"), 0.5)
+
+
+def test_or_weight_is_the_odds_ratio_terms_pull():
+    from orpo_distill.policy import log_odds, or_weight
+
+    assert or_weight(-1.0, -1.0) == pytest.approx(0.5)
+    assert or_weight(-0.1, -3.0) < 0.1 < 0.9 < or_weight(-3.0, -0.1)
+    assert log_odds(0.0) > 20 and log_odds(-1e-30) > 20  # a confident student: finite, very large odds
+
+
+class ScriptedScores:
+    """The current student's mean log-probs as a script: per call of `measure`, chosen and rejected log-probs
+    move apart by `gap[epoch]`."""
+
+    def __init__(self):
+        self.gap = 0.0
+        self.calls = 0
+
+    def __call__(self, qid, texts):
+        self.calls += 1
+        return [-1.0 + self.gap / 2, -1.0 - self.gap / 2]
+
+
+def test_adaptive_policy_sets_phi_from_the_probe_and_samples_accordingly():
+    from orpo_distill.policy import AdaptivePhi, make_adaptive, or_weight
+
+    store = FakeStore(QIDS)
+    chosen = {q: [Text(f"c-{q}", "right", "teacher")] for q in QIDS}
+    scores = ScriptedScores()
+    ad = AdaptivePhi(chosen, scores, seed=7, probe_size=16)
+    pol = NegativePolicy(QIDS, load=store.load, sample=store.sample, phi_fn=lambda e: 1 / 0, seed=7, adaptive=ad)
+    gaps = {1: 0.0, 2: 0.0, 3: 1.0, 4: 4.0}
+    phis = {}
+    for e, g in gaps.items():
+        scores.gap = g
+        _, stats = pol.pool(e)
+        phis[e] = stats.phi
+        assert stats.adaptive_signal == pytest.approx(or_weight(-1.0 + g / 2, -1.0 - g / 2))
+    assert scores.calls == 16 * len(gaps)  # the probe: 16 pairs per epoch, the same pairs every time
+    assert phis[1] == 0.0 and phis[2] == 0.0
+    assert phis[3] == pytest.approx(1 - or_weight(-0.5, -1.5) / 0.5)
+    assert 0 < phis[3] < phis[4] < 1
+    assert len(store.calls[-1][1]) == len(draws_current(QIDS, phis[4], 7, 4))  # the draw used that phi
+    assert make_adaptive(PolicyConfig(), schedule="adaptive", phi=0.0, chosen=chosen, score=scores, seed=0) is None
+    assert make_adaptive(PolicyConfig(), schedule=None, phi=None, chosen=chosen, score=scores, seed=0) is None
+    assert make_adaptive(PolicyConfig(schedule="adaptive"), schedule=None, phi=None, chosen=chosen, score=scores,
+                         seed=0).probe_size == 64
+    with pytest.raises(ValueError, match="adaptive"):
+        phi_for_epoch(PolicyConfig(schedule="adaptive"), 2, 5)
+
+
+def test_adaptive_start_signal_comes_back_from_the_history_on_resume():
+    from orpo_distill.policy import AdaptivePhi
+
+    chosen = {q: [Text(f"c-{q}", "right", "teacher")] for q in QIDS}
+    scores = ScriptedScores()
+    history = [{"epoch": 1, "pool": {"epoch": 1, "phi": 0.0, "adaptive_signal": 0.8}}]
+    ad = AdaptivePhi(chosen, scores, history=lambda: history)  # a resumed run: no epoch 1 in this process
+    assert ad.phi(3, 0.4) == pytest.approx(0.5)
+    assert AdaptivePhi(chosen, scores).phi(3, 0.4) == 0.0  # no start signal: no evidence, no refresh

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from orpo_distill.loss import ORPOLoss, sequence_logps_naive
 from orpo_distill.pairs import (
@@ -20,8 +21,6 @@ from orpo_distill.pairs import (
     scope_start,
     token_at_char,
 )
-
-from conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,7 +21,12 @@ from .errors import UserError
 from .secrets import check_env_var_name, check_no_secret, check_url, redact_override
 
 VARIANTS = ("zero_shot", "sft_single", "sft_diverse", "orpo_teacher_neg", "orpo_off", "orpo_on", "orpo_mixed")
-Variant = Literal["zero_shot", "sft_single", "sft_diverse", "orpo_teacher_neg", "orpo_off", "orpo_on", "orpo_mixed"]
+# Beyond the paper (docs/METHOD.md): mixed-policy ORPO with objective.rejected_scope after_prefix /
+# after_first_error, and with policy.schedule adaptive. Not in the default run.variants (the paper's rows).
+EXTRA_VARIANTS = ("orpo_mixed_prefix", "orpo_mixed_firsterr", "orpo_adaptive")
+ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
+Variant = Literal["zero_shot", "sft_single", "sft_diverse", "orpo_teacher_neg", "orpo_off", "orpo_on", "orpo_mixed",
+                  "orpo_mixed_prefix", "orpo_mixed_firsterr", "orpo_adaptive"]
 
 
 class ConfigError(UserError):
@@ -228,7 +233,9 @@ class PolicyConfig(_Section):
 
     phi: float = Field(0.5, ge=0, le=1, description="probability a question's negatives come from the current "
                                                     "student (0 off-policy, 1 on-policy)")
-    schedule: Literal["constant", "linear"] = Field("constant", description="linear: phi_start -> phi_end over epochs")
+    schedule: Literal["constant", "linear", "adaptive"] = Field(
+        "constant", description="linear: phi_start -> phi_end over epochs; adaptive: phi from how far the student "
+        "moved away from its initial negatives (ours, docs/METHOD.md)")
     phi_start: float = Field(0.0, ge=0, le=1, description="schedule=linear: phi after the first epoch")
     phi_end: float = Field(1.0, ge=0, le=1, description="schedule=linear: phi after the last epoch")
     teacher_negatives_fallback: bool = Field(True, description="use the teacher's wrong traces when neither student "
@@ -237,6 +244,8 @@ class PolicyConfig(_Section):
                                                              "dataset's gold rationale as chosen (ours)")
     unparsed_negatives: bool = Field(False, description="also use traces whose final answer could not be parsed "
                                                         "as rejected (paper: only wrong answers; ours)")
+    adaptive_probe: int = Field(64, ge=1, description="schedule=adaptive: (chosen, initial negative) pairs scored "
+                                "before each epoch to set phi (ours)")
 
 
 class ObjectiveConfig(_Section):
@@ -248,6 +257,9 @@ class ObjectiveConfig(_Section):
     nll_reduction: Literal["sequence", "token"] = Field(
         "sequence", description="mean of per-sequence means (paper's -log q) or pooled over tokens (TRL/HF)")
     chunk_size: int = Field(1024, ge=1, description="positions per LM-head chunk in the log-prob computation")
+    rejected_scope: Literal["all", "after_prefix", "after_first_error"] = Field(
+        "all", description="tokens the rejected trace's mean log-prob covers: all (paper), after its longest common "
+        "prefix with a chosen trace, or from the task's first located wrong step (ours, docs/METHOD.md)")
 
 
 class LoraConfig(_Section):

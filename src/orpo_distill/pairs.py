@@ -484,8 +484,8 @@ def build_examples(questions: Sequence[tuple[str, str]], positives: dict[str, li
     return out, stats
 
 
-def text_scorer(encoder: Encoder, messages: Mapping[str, str],
-                scorer: Callable[[list[int], list[list[int]]], list[float]]) -> Callable[[str, Sequence[Text]], list[float]]:
+def text_scorer(encoder: Encoder, messages: Mapping[str, str], scorer: Callable[[list[int], list[list[int]]], list[float]]
+                ) -> Callable[[str, Sequence[Text]], list[float]]:
     """`score(question_id, texts)`: the mean log-probs of texts as the trainer sees them (the student's prompt and
     completion ids, cut to `max_length`), from `scorer(prompt_ids, completion_ids)` (the current student)."""
 

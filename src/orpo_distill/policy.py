@@ -9,6 +9,13 @@ and to record why. Rules (docs/METHOD.md; the choices marked "ours" there):
   (source "epoch:{e-1}"); phi = 0 never samples the student after the start, phi = 1 re-samples every question.
 - phi(e) is `policy.phi` (constant) or, with `schedule: linear`, goes from `phi_start` at the first refresh
   (epoch 2) to `phi_end` at the last (epoch E); with a single refresh it is their mean.
+- `schedule: adaptive` (ours, beyond the paper; `AdaptivePhi`): phi(e) follows how far the student has moved
+  away from the initial student's negatives. A fixed probe of (chosen, initial negative) pairs is scored by the
+  current student before every epoch; g is the probe's mean odds-ratio gradient weight
+  sigmoid(-(log odds(chosen) - log odds(rejected))), the share of its pull the ORPO term still puts on those
+  negatives (near 1: the student still prefers its own mistakes; near 0: they are beaten). phi(e) =
+  clip(1 - g(e-1) / g(0), 0, 1) (`adaptive_phi`): the share of the off-policy negatives' initial signal that is
+  used up is the share of questions that draw fresh negatives from the current student.
 - Fallbacks, per question, each counted: no wrong trace from the drawn source -> the other source (for a question
   drawn "initial" that is the most recent student traces this run already has in the store, never a new sample,
   so phi = 0 stays free of student sampling) -> the teacher's own wrong traces (`teacher_negatives_fallback`)
@@ -24,8 +31,9 @@ no model or store code of its own and its tests can count every sampling call.
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,6 +63,7 @@ def phi_for_epoch(cfg: PolicyConfig, epoch: int, epochs: int, phi: float | None 
     """The probability that a question's negatives come from the current student before `epoch` (1-based).
 
     `phi` overrides the config's constant (the orpo_off/orpo_on baselines). Epoch 1 has no refresh: 0.
+    `schedule: adaptive` is not a function of the epoch alone: `AdaptivePhi` (ValueError here).
     """
     if epoch <= 1:
         return 0.0
@@ -62,11 +71,97 @@ def phi_for_epoch(cfg: PolicyConfig, epoch: int, epochs: int, phi: float | None 
         return float(phi)
     if cfg.schedule == "constant":
         return float(cfg.phi)
+    if cfg.schedule == "adaptive":
+        raise ValueError("policy.schedule=adaptive: phi comes from the student's scores (policy.AdaptivePhi)")
     refreshes = epochs - 1  # epochs 2..E
     if refreshes <= 1:
         return (cfg.phi_start + cfg.phi_end) / 2.0
     t = (epoch - 2) / (refreshes - 1)
     return cfg.phi_start + t * (cfg.phi_end - cfg.phi_start)
+
+
+def log_odds(logp: float) -> float:
+    """log(q / (1 - q)) of a mean token log-prob `logp` <= 0 (loss.py's log1mexp, in float64)."""
+    lp = min(float(logp), -1e-12)
+    return lp - (math.log(-math.expm1(lp)) if lp > -math.log(2) else math.log1p(-math.exp(lp)))
+
+
+def or_weight(chosen_logp: float, rejected_logp: float) -> float:
+    """The odds-ratio term's gradient weight on one pair, sigmoid(-(log odds(chosen) - log odds(rejected))):
+    ~1 while the student prefers the rejected completion, ~0 once the chosen one clearly wins."""
+    z = log_odds(chosen_logp) - log_odds(rejected_logp)
+    return 1.0 / (1.0 + math.exp(z)) if z > -700 else 1.0
+
+
+def adaptive_phi(signal: float, start: float) -> float:
+    """`schedule: adaptive`: phi = clip(1 - signal / start, 0, 1), with `signal` the probe's mean odds-ratio weight
+    now and `start` before epoch 1 (both in [0, 1]). 0 while the initial negatives pull as hard as at the start,
+    1 when they no longer pull at all (or pulled nothing from the start)."""
+    if not (math.isfinite(signal) and math.isfinite(start)):
+        raise ValueError(f"adaptive phi: non-finite signal {signal!r} or start {start!r}")
+    if start <= 0.0:
+        return 1.0
+    return min(1.0, max(0.0, 1.0 - signal / start))
+
+
+@dataclass
+class AdaptivePhi:
+    """phi per epoch from the probe signal (`adaptive_phi`), for `NegativePolicy(adaptive=...)`.
+
+    `chosen` holds each question's chosen texts; `score(question_id, texts)` their mean token log-probs under
+    the current student. The probe: up to `probe_size` questions (a seeded draw, independent of question order)
+    that have chosen texts and initial negatives, each with its first chosen text and first initial negative.
+    The start signal is measured before epoch 1; a resumed run reads it back from `history()` (the trainer's
+    per-epoch records, whose "pool" holds the epoch's `PoolStats`)."""
+
+    chosen: Mapping[str, Sequence[Text]]
+    score: Callable[[str, Sequence[Text]], list[float]]
+    seed: int = 0
+    probe_size: int = 64
+    history: Callable[[], Sequence[Mapping[str, Any]]] | None = None
+    start: float | None = None
+
+    def probe(self, initial: Mapping[str, Sequence[Text]]) -> list[tuple[str, Text, Text]]:
+        qids = sorted(q for q in initial if initial[q] and self.chosen.get(q))
+        qids.sort(key=lambda q: random.Random(f"probe:{self.seed}:{q}").random())
+        return [(q, self.chosen[q][0], initial[q][0]) for q in sorted(qids[: self.probe_size])]
+
+    def measure(self, initial: Mapping[str, Sequence[Text]]) -> float | None:
+        """The probe's mean odds-ratio weight under the current student (None: no probe pair)."""
+        pairs = self.probe(initial)
+        if not pairs:
+            return None
+        weights = [or_weight(*self.score(q, [c, r])) for q, c, r in pairs]
+        return sum(weights) / len(weights)
+
+    def _start(self) -> float | None:
+        if self.start is None and self.history is not None:
+            for rec in self.history():
+                pool = rec.get("pool") or {}
+                if pool.get("epoch") == 1 and pool.get("adaptive_signal") is not None:
+                    self.start = float(pool["adaptive_signal"])
+        return self.start
+
+    def phi(self, epoch: int, signal: float | None) -> float:
+        """phi before `epoch` given the signal measured now; epoch 1 records the start and returns 0."""
+        if epoch <= 1:
+            if self.start is None:
+                self.start = signal
+            return 0.0
+        start = self._start()
+        if signal is None or start is None:  # no probe (no question has both sides): no evidence of movement
+            return 0.0
+        return adaptive_phi(signal, start)
+
+
+def make_adaptive(cfg: PolicyConfig, *, schedule: str | None, phi: float | None,
+                  chosen: Mapping[str, Sequence[Text]], score: Callable[[str, Sequence[Text]], list[float]],
+                  seed: int, history: Callable[[], Sequence[Mapping[str, Any]]] | None = None) -> AdaptivePhi | None:
+    """The `AdaptivePhi` of a student-negatives variant whose schedule (the variant's own, else `cfg.schedule`) is
+    adaptive; None for a fixed phi (orpo_off, orpo_on) or another schedule."""
+    if phi is not None or (schedule or cfg.schedule) != "adaptive":
+        return None
+    return AdaptivePhi(chosen, score, seed=seed, probe_size=cfg.adaptive_probe, history=history)
 
 
 def draws_current(question_ids: Sequence[str], phi: float, seed: int, epoch: int) -> list[str]:
@@ -109,6 +204,7 @@ class PoolStats:
     negatives: int = 0
     share_current: float = 0.0  # of all negatives, the share written by the student being trained now
     mean_age: float | None = None  # mean age in epochs of the student negatives
+    adaptive_signal: float | None = None  # schedule adaptive: the probe's mean odds-ratio weight before the epoch
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,20 +219,21 @@ SampleFn = Callable[[int, Sequence[str]], Any]
 class NegativePolicy:
     """Builds each epoch's negative pool for one variant and seed.
 
-    `mode="student"` is the ORPO-Distill policy (phi from `phi_fn(epoch)`), `mode="teacher"` the teacher-negatives
-    baseline. `load(source, qids)` returns the stored wrong texts of a student source (this run's revision for
-    "epoch:E") or, with source "teacher", the teacher's wrong traces; `sample(epochs_trained, qids)` samples the
-    current student into the store.
+    `mode="student"` is the ORPO-Distill policy (phi from `phi_fn(epoch)`, or from `adaptive` when given),
+    `mode="teacher"` the teacher-negatives baseline. `load(source, qids)` returns the stored wrong texts of a
+    student source (this run's revision for "epoch:E") or, with source "teacher", the teacher's wrong traces;
+    `sample(epochs_trained, qids)` samples the current student into the store.
     """
 
     def __init__(self, question_ids: Sequence[str], *, load: LoadFn, sample: SampleFn | None = None,
                  mode: str = "student", phi_fn: Callable[[int], float] = lambda e: 0.0, seed: int = 0,
-                 teacher_fallback: bool = True) -> None:
+                 teacher_fallback: bool = True, adaptive: AdaptivePhi | None = None) -> None:
         if mode not in ("student", "teacher"):
             raise ValueError(f"negative policy mode must be 'student' or 'teacher', got {mode!r}")
         self.question_ids = list(question_ids)
         self.load, self.sample, self.mode = load, sample, mode
         self.phi_fn, self.seed, self.teacher_fallback = phi_fn, seed, teacher_fallback
+        self.adaptive = adaptive
         self._initial: dict[str, list[Text]] | None = None
         self._teacher: dict[str, list[Text]] | None = None
 
@@ -154,8 +251,13 @@ class NegativePolicy:
         """The negatives of every question for `epoch` (1-based), sampling the current student where drawn."""
         qids = self.question_ids
         cur_src = student_source(epoch - 1)
-        phi = self.phi_fn(epoch) if self.mode == "student" else 0.0
-        stats = PoolStats(epoch=epoch, phi=phi, questions=len(qids))
+        signal = None
+        if self.mode == "student" and self.adaptive is not None:
+            signal = self.adaptive.measure(self.initial())
+            phi = self.adaptive.phi(epoch, signal)
+        else:
+            phi = self.phi_fn(epoch) if self.mode == "student" else 0.0
+        stats = PoolStats(epoch=epoch, phi=phi, questions=len(qids), adaptive_signal=signal)
         pools: dict[str, QuestionPool] = {}
         if self.mode == "teacher":
             teacher = self.teacher()

@@ -65,8 +65,19 @@ from .errors import TrainingDiverged, UserError
 from .export import model_card, save_hf_model
 from .files import atomic_write_text
 from .loss import ORPOLoss, ORPOStudent, SFTLoss, StepTotals, step_totals
-from .pairs import Encoded, Encoder, Example, Text, build_examples, collate, mean_logps, plan_batches
-from .policy import NegativePolicy, QuestionPool, phi_for_epoch, restore_pools
+from .pairs import (
+    Encoded,
+    Encoder,
+    Example,
+    Text,
+    build_examples,
+    collate,
+    error_locator,
+    mean_logps,
+    plan_batches,
+    text_scorer,
+)
+from .policy import NegativePolicy, QuestionPool, make_adaptive, phi_for_epoch, restore_pools
 from .sampling.hf import invariant_attention
 from .train import (
     KILL_ENV,
@@ -436,7 +447,9 @@ class DistillRecipe:
                              "enable policy.gold_rationale_fallback)")
         self.questions_by_id = {str(q.id): q for q in self.train_questions}
         self.encoder = Encoder(self.tokenizer, template=cfg.student.template, system_prompt=cfg.student.system_prompt,
-                               max_length=cfg.pairs.max_length, max_prompt_length=cfg.pairs.max_prompt_length)
+                               max_length=cfg.pairs.max_length, max_prompt_length=cfg.pairs.max_prompt_length,
+                               rejected_scope=spec.rejected_scope or cfg.objective.rejected_scope,
+                               chosen_texts=self.chosen, first_error=error_locator(self.task, self.questions_by_id))
         self.sample_fn = self.custom_sampler or default_sampler(
             cfg, self.variant, self.seed, self.task, self.store, self.out, self.progress and self.is_main,
             wrap=self._wrap_generator)
@@ -446,7 +459,10 @@ class DistillRecipe:
                 self.with_chosen, load=make_loader(cfg, self.store, self.variant, self.seed),
                 sample=self.refresh_student, mode=spec.negatives or "student",
                 phi_fn=lambda e: phi_for_epoch(cfg.policy, e, self.epochs, spec.phi), seed=self.seed,
-                teacher_fallback=cfg.policy.teacher_negatives_fallback)
+                teacher_fallback=cfg.policy.teacher_negatives_fallback,
+                adaptive=make_adaptive(cfg.policy, schedule=spec.schedule, phi=spec.phi, chosen=self.chosen,
+                                       score=text_scorer(self.encoder, self.messages, self._scorer), seed=self.seed,
+                                       history=lambda: self.state["history"]) if spec.negatives == "student" else None)
 
     def _restore(self) -> None:
         fp = self.fp
@@ -832,9 +848,11 @@ class DistillRecipe:
         result: dict[str, Any] = {
             "variant": self.variant, "seed": self.seed, **self.fp,
             "phi": (spec.phi if spec.phi is not None else cfg.policy.phi) if spec.negatives == "student" else None,
-            "phi_schedule": (cfg.policy.schedule if spec.phi is None else "constant")
+            "phi_schedule": ((spec.schedule or cfg.policy.schedule) if spec.phi is None else "constant")
             if spec.negatives == "student" else None,
             "lam": cfg.objective.lam if spec.objective == "orpo" else None,
+            "rejected_scope": (spec.rejected_scope or cfg.objective.rejected_scope)
+            if spec.objective == "orpo" else None,
             "train_questions": len(self.qids), "questions_with_chosen": len(self.with_chosen),
             "questions_without_chosen": len(self.qids) - len(self.with_chosen),
             "gold_rationale_questions": len(self.gold_used),

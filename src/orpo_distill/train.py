@@ -12,6 +12,8 @@ configuration of the same recipe (`SPECS`):
 | sft_diverse | NLL | all kept correct teacher traces | - |
 | orpo_teacher_neg | ORPO | all kept correct teacher traces | the teacher's own wrong traces |
 | orpo_off / orpo_on / orpo_mixed | ORPO | all kept correct teacher traces | the student's wrong traces, phi = 0 / 1 / config |
+| orpo_mixed_prefix / _firsterr | ORPO, rejected scored after the shared prefix / first error | as orpo_mixed | as orpo_mixed |
+| orpo_adaptive | ORPO | as orpo_mixed | the student's wrong traces, phi from `policy.AdaptivePhi` |
 
 Traces are read through run_traces.py: only those of this run's teacher, initial student or this variant/seed's
 refreshed student, by full identity (model id and revision, sampling settings, first k sample indices), so a
@@ -43,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import VARIANTS, Config
+from .config import ALL_VARIANTS, Config
 from .errors import UserError
 from .export import model_card, save_hf_model
 from .pairs import Text
@@ -66,6 +68,8 @@ class VariantSpec:
     chosen: str = "all"  # "one" | "all" kept correct teacher traces per question
     negatives: str | None = None  # None | "student" | "teacher"
     phi: float | None = None  # fixed phi, or None: the config's phi and schedule
+    schedule: str | None = None  # a fixed policy.schedule (orpo_adaptive), or None: the config's
+    rejected_scope: str | None = None  # a fixed objective.rejected_scope, or None: the config's
 
 
 SPECS: dict[str, VariantSpec] = {
@@ -76,8 +80,13 @@ SPECS: dict[str, VariantSpec] = {
     "orpo_off": VariantSpec("orpo_off", "orpo", negatives="student", phi=0.0),
     "orpo_on": VariantSpec("orpo_on", "orpo", negatives="student", phi=1.0),
     "orpo_mixed": VariantSpec("orpo_mixed", "orpo", negatives="student"),
+    # beyond the paper (docs/METHOD.md): a penalty only on what is wrong, and phi set by the student's progress
+    "orpo_mixed_prefix": VariantSpec("orpo_mixed_prefix", "orpo", negatives="student", rejected_scope="after_prefix"),
+    "orpo_mixed_firsterr": VariantSpec("orpo_mixed_firsterr", "orpo", negatives="student",
+                                       rejected_scope="after_first_error"),
+    "orpo_adaptive": VariantSpec("orpo_adaptive", "orpo", negatives="student", schedule="adaptive"),
 }
-assert set(SPECS) == set(VARIANTS)
+assert set(SPECS) == set(ALL_VARIANTS)
 
 
 def variant_spec(variant: str) -> VariantSpec:
@@ -128,8 +137,10 @@ HASH_CLASSES: dict[str, str] = {
     **dict.fromkeys([f"pairs.{k}" for k in ("strategy", "max_pairs_per_question", "max_length",
                                             "max_prompt_length")], "weights"),
     **dict.fromkeys([f"policy.{k}" for k in ("phi", "schedule", "phi_start", "phi_end", "teacher_negatives_fallback",
-                                             "gold_rationale_fallback", "unparsed_negatives")], "weights"),
-    **dict.fromkeys(["objective.lam", "objective.nll_scope", "objective.nll_reduction"], "weights"),
+                                             "gold_rationale_fallback", "unparsed_negatives", "adaptive_probe")],
+                    "weights"),
+    **dict.fromkeys(["objective.lam", "objective.nll_scope", "objective.nll_reduction", "objective.rejected_scope"],
+                    "weights"),
     "objective.chunk_size": "neither",  # a memory knob: the chunked log-probs equal the unchunked ones
     **dict.fromkeys([f"trainer.{k}" for k in ("epochs", "lr", "batch_size", "grad_accum", "warmup_ratio",
                                               "lr_scheduler", "weight_decay", "max_grad_norm", "precision",
