@@ -263,9 +263,34 @@ def scored_positions(attention_mask: Tensor, completion_mask: Tensor, scopes: tu
     return int(_target_mask(attention_mask, completion_mask, "all" if "all" in scopes else "completion").sum())
 
 
+def _scored_rows(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
+                 scopes: tuple[str, ...], packing: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor], Tensor]:
+    """One backbone forward; the hidden states of the positions some scope scores ([N, H], row-major order), their
+    target ids, their sequence index, each scope's [B, T-1] target mask and their union.
+
+    `packing`: the backbone runs on the batch's real tokens packed into rows (`pack_batch`) instead of the padded
+    rows; the same hidden states up to float rounding, fewer tokens computed. A batch where some scored target
+    follows a pad (a left-padded batch scored on all tokens) is run padded.
+    """
+    masks = {s: _target_mask(attention_mask, completion_mask, s) for s in scopes}
+    union = torch.zeros_like(next(iter(masks.values())))
+    for m in masks.values():
+        union |= m
+    targets = input_ids[:, 1:][union]
+    seq_of = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(union)[union]
+    if packing:
+        plan = pack_batch(input_ids, attention_mask)
+        src = plan.index[:, :-1][union]
+        if not bool((src < 0).any()):
+            return packed_hidden_states(model, plan)[src], targets, seq_of, masks, union
+    h = hidden_states(model, input_ids, attention_mask)[:, :-1]
+    return h[union], targets, seq_of, masks, union
+
+
 def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
-                   scopes: tuple[str, ...] = ("completion",), chunk_size: int = 1024, min_chunks: int = 0
-                   ) -> dict[str, SequenceLogps]:
+                   scopes: tuple[str, ...] = ("completion",), chunk_size: int = 1024, min_chunks: int = 0,
+                   packing: bool = False) -> dict[str, SequenceLogps]:
     """Per-sequence log-prob sums/counts for each scope in `scopes` ("completion" and/or "all"), chunked.
 
     One backbone forward; only the scored positions go through the LM head, `chunk_size` rows at a time, each
@@ -275,18 +300,14 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     `min_chunks`: call the head at least this many times (extra calls on zero rows, which change no value).
     ZeRO-3 gathers the head's weight on every call, forward and recompute alike, so every rank must make the
     same number of calls; `ORPOStudent(uniform_chunks=True)` passes the largest count over the ranks.
+    `packing`: run the backbone padding-free (see `_scored_rows`).
     """
     verify_chunked_head(model, {"input_ids": input_ids, "attention_mask": attention_mask})
     if not chunked_head_ok(model):
         return sequence_logps_naive(model, input_ids, attention_mask, completion_mask, scopes)
     _, head, tf = _lm_head_parts(model)
-    h = hidden_states(model, input_ids, attention_mask)[:, :-1]
-    masks = {s: _target_mask(attention_mask, completion_mask, s) for s in scopes}
-    union = torch.zeros_like(next(iter(masks.values())))
-    for m in masks.values():
-        union |= m
-    rows = h[union]  # [N, H]: only the positions some scope scores
-    targets = input_ids[:, 1:][union]
+    rows, targets, seq_of, masks, union = _scored_rows(model, input_ids, attention_mask, completion_mask, scopes,
+                                                       packing)
     pieces = []
     for i in range(0, rows.shape[0], chunk_size):
         hc, tc = rows[i:i + chunk_size], targets[i:i + chunk_size]
@@ -300,7 +321,6 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         else:
             pieces.append(_chunk_token_logps(rows[:0], targets[:0], head, tf))
     tok = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
-    seq_of = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(union)[union]
     out = {}
     for s, m in masks.items():
         keep = m[union].float()
@@ -321,6 +341,285 @@ def sequence_logps_naive(model: nn.Module, input_ids: Tensor, attention_mask: Te
         m = _target_mask(attention_mask, completion_mask, s).float()
         out[s] = SequenceLogps((lp * m).sum(-1), m.sum(-1))
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Padding-free batches: the real tokens of a padded batch packed into rows, positions restarting per sequence
+# --------------------------------------------------------------------------------------------------------------
+
+# The attribute under which a model records whether packed rows reproduce its padded log-probs (checked once).
+_PACK_CHECK_ATTR = "_orpo_distill_packing_ok"
+
+
+@dataclass
+class PackPlan:
+    """Where each real token of a padded [B, T] batch sits in the packed [R, L] rows.
+
+    `input_ids`/`position_ids`: the packed rows (positions restart at 0 at every sequence start, the unused tail of
+    a row is a sequence of its own, so no real token attends to it); `index`: [B, T] flat index into the packed
+    rows of each real token, -1 on pads.
+    """
+
+    input_ids: Tensor  # [R, L]
+    position_ids: Tensor  # [R, L]
+    index: Tensor  # [B, T]
+
+
+def pack_batch(input_ids: Tensor, attention_mask: Tensor) -> PackPlan:
+    """Pack the real tokens of each row (left or right padded) into rows as long as the longest sequence.
+
+    First-fit decreasing: each sequence goes whole into the first row it fits, longest first; a row never holds
+    more tokens than the batch's longest sequence, so attention never costs more than on the padded batch.
+    """
+    lengths = attention_mask.sum(-1).tolist()
+    cap = max(max(lengths), 1)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for b in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, left in enumerate(room):
+            if lengths[b] <= left:
+                bins[r].append(b)
+                room[r] -= lengths[b]
+                break
+        else:
+            bins.append([b])
+            room.append(cap - lengths[b])
+    width = cap - min(room)
+    dev = input_ids.device
+    ids = torch.zeros(len(bins), width, dtype=input_ids.dtype, device=dev)
+    pos = torch.zeros(len(bins), width, dtype=torch.long, device=dev)
+    index = torch.full(input_ids.shape, -1, dtype=torch.long, device=dev)
+    real = attention_mask.bool()
+    for r, seqs in enumerate(bins):
+        at = 0
+        for b in sorted(seqs):
+            n = lengths[b]
+            ids[r, at:at + n] = input_ids[b][real[b]]
+            pos[r, at:at + n] = torch.arange(n, device=dev)
+            index[b, real[b]] = r * width + at + torch.arange(n, device=dev)
+            at += n
+        pos[r, at:] = torch.arange(width - at, device=dev)  # the tail: a sequence of its own
+    return PackPlan(ids, pos, index)
+
+
+def packed_hidden_states(model: nn.Module, plan: PackPlan) -> Tensor:
+    """Final hidden states of the packed rows, flattened to [R * L, H]; no attention mask, so the model's masking
+    builds the block-diagonal causal mask from the restarting position ids (varlen kernels on flash-attention)."""
+    out = model.get_decoder()(input_ids=plan.input_ids, position_ids=plan.position_ids, use_cache=False)
+    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return h.reshape(-1, h.shape[-1])
+
+
+@torch.no_grad()
+def check_packing(model: nn.Module) -> float:
+    """Max |log-prob difference| between packed and padded scoring of two short fixed sequences (eval mode)."""
+    dev = next(model.parameters()).device
+    probe = _probe_ids(model, dev)
+    ids = torch.stack([probe[0, :32], probe[1, :32], probe[1, 32:]])
+    am = torch.ones_like(ids)
+    am[1, 16:] = 0
+    am[2, 12:] = 0  # lengths 32, 16, 12: the two short ones share the second packed row
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        h = hidden_states(model, ids, am)
+        plan = pack_batch(ids, am)
+        if plan.input_ids.shape[0] != 2:
+            return math.inf
+        hp = packed_hidden_states(model, plan)
+        real = am.bool()
+        return float((h[real].float() - hp[plan.index[real]].float()).abs().max())
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def verify_packing(model: nn.Module) -> bool:
+    """Check once per model that packed rows give the padded batch's hidden states; remember the result.
+
+    A model whose attention does not read packed sequences from the position ids (older architectures, absolute
+    positions it ignores) fails the check, is logged once, and is trained on padded batches instead.
+    """
+    ok = getattr(model, _PACK_CHECK_ATTR, None)
+    if ok is None:
+        err = check_packing(model)
+        ok = err <= (5e-2 if _check_tolerance(model) > 1e-3 else 1e-4)
+        if not ok:
+            log.warning("padding-free batches do not reproduce %s's padded hidden states (max difference %.3g); "
+                        "training on padded batches", type(model).__name__, err)
+        setattr(model, _PACK_CHECK_ATTR, ok)
+    return ok
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fused head: logits, loss and gradients of each chunk in one pass, nothing recomputed in backward
+# --------------------------------------------------------------------------------------------------------------
+
+def fused_head_usable(head: nn.Module) -> bool:
+    """Whether the fused path may read the head's weight directly: a plain `nn.Linear` without hooks (an adapter,
+    a quantised layer or a ZeRO-3 gathering hook on the head goes through the module-calling chunked path)."""
+    return (type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
+            and not getattr(head.weight, "ds_id", None))
+
+
+def _compute_dtype(weight: Tensor) -> torch.dtype:
+    """The matmul dtype F.linear would use here: autocast's, or the weight's own."""
+    dev = weight.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+
+
+def _fused_logits(h: Tensor, w: Tensor, b: Tensor | None, tf: HeadTransform, targets: Tensor
+                  ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """float32 logits z of one chunk (kept for its gradient), tanh of the soft-cap, logsumexp, target log-probs."""
+    z = (h @ w.t() if b is None else torch.addmm(b, h, w.t())).float()
+    if tf.scale != 1.0:
+        z.mul_(tf.scale)
+    t = None
+    if tf.softcap:
+        t = torch.tanh(z / tf.softcap)
+        z = t * tf.softcap
+    lse = torch.logsumexp(z, dim=-1)
+    return z, t, lse, z.gather(-1, targets[:, None]).squeeze(-1) - lse
+
+
+def _fused_dlogits(z: Tensor, t: Tensor | None, lse: Tensor, targets: Tensor, g: Tensor, tf: HeadTransform) -> Tensor:
+    """d loss / d head output of one chunk, in place of `z`: g * (onehot(target) - softmax) through the transforms."""
+    d = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    d.scatter_add_(1, targets[:, None], g[:, None])
+    if t is not None:
+        d.mul_(t.mul_(t).neg_().add_(1.0))
+    if tf.scale != 1.0:
+        d.mul_(tf.scale)
+    return d
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """loss(per-sequence sums of token log-probs) through the LM head, forward and gradients in one pass.
+
+    The loss is a sum of independent terms over `groups` (lists of sequence indices: a pair's chosen and rejected
+    rows, or one SFT sequence, several units per group up to `chunk_size` rows), so each group's logits are
+    computed once, its sums and its loss term follow, the term's gradient with respect to the sums is one tiny
+    autograd call, and d loss / d token log-prob = d term / d sum of its sequence. The gradients with respect to
+    the hidden rows and the head are formed from the same logits and stored; backward only scales them.
+    A group larger than `chunk_size` rows is scored in pieces first and its pieces' logits recomputed once for
+    their gradients (memory stays chunk_size x vocab).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, seq_of: Tensor,
+                keep: Tensor, n_seq: int, groups: list[list[int]], loss_fn, tf: HeadTransform, chunk_size: int,
+                need_rows: bool, need_weight: bool) -> tuple[Tensor, Tensor]:
+        cd = _compute_dtype(weight)
+        w = weight.detach().to(cd)
+        b = bias.detach().to(cd) if bias is not None else None
+        hd = rows.detach()
+        grad_rows = torch.zeros_like(hd) if need_rows else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+            if need_weight and bias is not None else None
+        n_scopes = keep.shape[0]
+        sums = torch.zeros(n_scopes, n_seq, dtype=torch.float32, device=rows.device)
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        starts = torch.zeros(n_seq + 1, dtype=torch.long)
+        starts[1:] = torch.bincount(seq_of.cpu(), minlength=n_seq).cumsum(0)
+        for seqs in groups:
+            idx = torch.cat([torch.arange(int(starts[s]), int(starts[s + 1])) for s in seqs]).to(rows.device)
+            local = torch.cat([torch.full((int(starts[s + 1] - starts[s]),), i, dtype=torch.long)
+                               for i, s in enumerate(seqs)]).to(rows.device)
+            pieces = idx.split(chunk_size) if idx.numel() else ()
+            kept, lps = [], []
+            for p in pieces:
+                z, t, lse, lp = _fused_logits(hd[p].to(cd), w, b, tf, targets[p])
+                lps.append(lp)
+                kept.append((z, t, lse) if len(pieces) == 1 else None)  # one piece: keep its logits, no recompute
+            lp = torch.cat(lps) if lps else sums.new_zeros(0)
+            kg = keep[:, idx]
+            gsum = torch.zeros(n_scopes, len(seqs), dtype=torch.float32, device=rows.device)
+            gsum.index_add_(1, local, kg * lp)
+            with torch.enable_grad(), torch.autocast(rows.device.type, enabled=False):
+                s = gsum.detach().requires_grad_(True)
+                term = loss_fn(seqs, s)
+                (ds,) = torch.autograd.grad(term, s)
+            total += term.detach()
+            sums[:, seqs] = gsum
+            if not (need_rows or need_weight):
+                continue
+            g = (ds[:, local] * kg).sum(0)
+            at = 0
+            for p, st in zip(pieces, kept):
+                if st is None:
+                    st = _fused_logits(hd[p].to(cd), w, b, tf, targets[p])[:3]
+                d = _fused_dlogits(*st, targets[p], g[at:at + p.numel()], tf)
+                at += p.numel()
+                dc = d.to(cd)
+                if need_rows:
+                    grad_rows[p] = (dc @ w).to(grad_rows.dtype)
+                if need_weight:
+                    grad_w += (dc.t() @ hd[p].to(cd)).float()
+                    if grad_b is not None:
+                        grad_b += d.sum(0)
+        ctx.grads = (grad_rows, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(sums)
+        return total, sums
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_sums: Tensor):
+        grad_rows, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        scale = grad_loss.float()
+        out_rows = grad_rows * scale.to(grad_rows.dtype) if grad_rows is not None else None
+        out_w = (grad_w * scale).to(ctx.dtypes[0]) if grad_w is not None else None
+        out_b = (grad_b * scale).to(ctx.dtypes[1]) if grad_b is not None else None
+        return out_rows, out_w, out_b, None, None, None, None, None, None, None, None, None, None
+
+
+def _groups(units: list[list[int]], rows_per_seq: list[int], chunk_size: int) -> list[list[int]]:
+    """Consecutive units (a pair's two sequences, or one sequence) gathered into groups of at most `chunk_size`
+    scored rows (a unit larger than that is a group of its own); each group lists its units' first sequences,
+    then their second ones (chosen ids, then rejected ids)."""
+    out: list[list[list[int]]] = []
+    rows = chunk_size + 1
+    for u in units:
+        n = sum(rows_per_seq[s] for s in u)
+        if out and rows + n <= chunk_size:
+            out[-1].append(u)
+            rows += n
+        else:
+            out.append([u])
+            rows = n
+    return [[u[k] for k in range(len(g[0])) for u in g] for g in out]
+
+
+def fused_path_ok(model: nn.Module) -> bool:
+    """Whether `fused_sequence_loss` can score this model: the chunked head reproduces its logits (checked once)
+    and its head is a plain linear layer."""
+    return bool(chunked_head_ok(model)) and fused_head_usable(model.get_output_embeddings())
+
+
+def fused_sequence_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
+                        scopes: tuple[str, ...], units: list[list[int]], term, chunk_size: int = 1024,
+                        packing: bool = False) -> tuple[Tensor, dict[str, SequenceLogps]]:
+    """A loss that is a sum of terms over `units` (lists of sequences), each a function of its sequences'
+    per-scope log-prob sums, through the fused head: (loss, detached per-scope `SequenceLogps` for metrics).
+
+    `term(seqs, sums)` gets the sequence indices of a group of units (the units' first sequences, then their
+    second ones) and their float32 sums [len(scopes), len(seqs)], and returns the group's share of the loss.
+    Equal to building the loss from `sequence_logps` (values and gradients, up to float rounding), without the
+    chunked path's recomputation of the head in backward. Needs `fused_path_ok(model)`.
+    """
+    _, head, tf = _lm_head_parts(model)
+    rows, targets, seq_of, masks, union = _scored_rows(model, input_ids, attention_mask, completion_mask, scopes,
+                                                       packing)
+    n_seq = input_ids.shape[0]
+    keep = torch.stack([masks[s][union] for s in scopes]).float()
+    per_seq = union.sum(-1).tolist()
+    groups = _groups(units, per_seq, chunk_size)
+    need_rows = torch.is_grad_enabled() and rows.requires_grad
+    need_weight = torch.is_grad_enabled() and head.weight.requires_grad
+    loss, sums = _FusedHeadLoss.apply(rows, head.weight, head.bias, targets, seq_of, keep, n_seq, groups, term, tf,
+                                      chunk_size, need_rows, need_weight)
+    return loss, {s: SequenceLogps(sums[i], masks[s].sum(-1).float()) for i, s in enumerate(scopes)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -402,6 +701,15 @@ def orpo_objective(chosen_logps: Tensor, rejected_logps: Tensor, nll_loss: Tenso
     return loss, metrics
 
 
+def _use_fused(objective: ORPOLoss | SFTLoss, model: nn.Module, fused: bool | None, min_chunks: int) -> bool:
+    """The fused head for a training forward of a verified plain head, unless the caller or ZeRO-3's uniform head
+    calls (`min_chunks`) rule it out."""
+    if not (objective.fused if fused is None else fused) or min_chunks > 0 or not torch.is_grad_enabled():
+        return False
+    verify_chunked_head(model, _probe_ids(model, next(model.parameters()).device))
+    return fused_path_ok(model)
+
+
 class ORPOLoss(nn.Module):
     """ORPO on a batch of pairs: rows [0, B) are chosen, rows [B, 2B) their rejected partners, one forward.
 
@@ -409,33 +717,66 @@ class ORPOLoss(nn.Module):
     right- or left-padded. Returns (loss, metrics): the batch's mean loss, or with `totals` its share of the
     optimiser step's loss (sum over its pairs / totals.items; token-pooled NLL over totals.tokens). Metrics are
     always this batch's means.
+
+    `fused` (default): when gradients are needed and the head is a plain linear layer, the loss and its gradients
+    come from the fused head (`fused_sequence_loss`: each pair's logits computed once, nothing recomputed in
+    backward); otherwise from the checkpointed chunked path. Same values and gradients either way.
+    `packing`: run the backbone padding-free (`pack_batch`; see `verify_packing` for the models it suits).
     """
 
     def __init__(self, lam: float = 1.0, nll_scope: str = "completion", nll_reduction: str = "sequence",
-                 chunk_size: int = 1024, naive: bool = False) -> None:
+                 chunk_size: int = 1024, naive: bool = False, fused: bool = True, packing: bool = False) -> None:
         super().__init__()
         self.lam, self.nll_scope, self.nll_reduction = lam, nll_scope, nll_reduction
-        self.chunk_size, self.naive = chunk_size, naive
+        self.chunk_size, self.naive, self.fused, self.packing = chunk_size, naive, fused, packing
 
     @property
     def scopes(self) -> tuple[str, ...]:
         """The log-prob scopes one forward computes."""
         return ("completion",) if self.nll_scope == "completion" else ("completion", "all")
 
+    def _term(self, counts: Tensor, b: int, totals: StepTotals | None):
+        """The loss share of a group of pairs from its sums (chosen ids, then rejected ids): the fused path's term."""
+        ni = self.scopes.index(self.nll_scope)
+        d_item = totals.per_item() if totals is not None else float(b)
+        d_tok = totals.per_token() if totals is not None else float(counts[ni, :b].sum().clamp(min=1.0))
+
+        def term(seqs: list[int], sums: Tensor) -> Tensor:
+            k = len(seqs) // 2
+            cnt = counts[:, seqs].clamp(min=1.0)
+            mean = sums[0] / cnt[0]
+            l_or = -F.logsigmoid(log_odds_ratio(mean[:k], mean[k:])).sum() / d_item
+            if self.nll_reduction == "sequence":
+                nll_part = -(sums[ni, :k] / cnt[ni, :k]).sum() / d_item
+            else:
+                nll_part = -sums[ni, :k].sum() / d_tok
+            return nll_part + self.lam * l_or
+
+        return term
+
     def forward(self, model: nn.Module, batch: dict[str, Tensor], totals: StepTotals | None = None,
-                min_chunks: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+                min_chunks: int = 0, fused: bool | None = None, packing: bool | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         scopes = self.scopes
         ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        packing = self.packing if packing is None else packing
+        b = ids.shape[0] // 2
+        fused_loss = None
         if self.naive:
             lps = sequence_logps_naive(model, ids, am, cm, scopes)
+        elif _use_fused(self, model, fused, min_chunks):
+            counts = torch.stack([_target_mask(am, cm, s).sum(-1).float() for s in scopes])
+            fused_loss, lps = fused_sequence_loss(model, ids, am, cm, scopes, [[j, j + b] for j in range(b)],
+                                                  self._term(counts, b, totals), self.chunk_size, packing)
         else:
-            lps = sequence_logps(model, ids, am, cm, scopes, self.chunk_size, min_chunks)
-        b = ids.shape[0] // 2
+            lps = sequence_logps(model, ids, am, cm, scopes, self.chunk_size, min_chunks, packing)
         comp = lps["completion"]
         scored = lps[self.nll_scope]
         chosen_scored = SequenceLogps(scored.sum[:b], scored.count[:b])
         loss, metrics = orpo_objective(comp.mean[:b], comp.mean[b:], nll(chosen_scored, self.nll_reduction),
                                        self.lam)
+        if fused_loss is not None:
+            return fused_loss, metrics
         if totals is None:
             return loss, metrics
         l_or_sum = -F.logsigmoid(log_odds_ratio(comp.mean[:b], comp.mean[b:])).sum()
@@ -444,27 +785,53 @@ class ORPOLoss(nn.Module):
 
 
 class SFTLoss(nn.Module):
-    """NLL of the completions in `batch` (the SFT baselines), through the same chunked log-prob path.
+    """NLL of the completions in `batch` (the SFT baselines), through the same chunked (or fused) log-prob path.
 
     Returns the batch's mean NLL, or with `totals` its share of the optimiser step's NLL; metrics are this
-    batch's means.
+    batch's means. `fused` and `packing` as in `ORPOLoss`.
     """
 
-    def __init__(self, nll_scope: str = "completion", nll_reduction: str = "sequence", chunk_size: int = 1024) -> None:
+    def __init__(self, nll_scope: str = "completion", nll_reduction: str = "sequence", chunk_size: int = 1024,
+                 fused: bool = True, packing: bool = False) -> None:
         super().__init__()
         self.nll_scope, self.nll_reduction, self.chunk_size = nll_scope, nll_reduction, chunk_size
+        self.fused, self.packing = fused, packing
 
     @property
     def scopes(self) -> tuple[str, ...]:
         """The log-prob scopes one forward computes."""
         return (self.nll_scope,)
 
+    def _term(self, counts: Tensor, b: int, totals: StepTotals | None):
+        d_item = totals.per_item() if totals is not None else float(b)
+        d_tok = totals.per_token() if totals is not None else float(counts[0].sum().clamp(min=1.0))
+
+        def term(seqs: list[int], sums: Tensor) -> Tensor:
+            if self.nll_reduction == "sequence":
+                return -(sums[0] / counts[0, seqs].clamp(min=1.0)).sum() / d_item
+            return -sums[0].sum() / d_tok
+
+        return term
+
     def forward(self, model: nn.Module, batch: dict[str, Tensor], totals: StepTotals | None = None,
-                min_chunks: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
-        lps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                             (self.nll_scope,), self.chunk_size, min_chunks)[self.nll_scope]
+                min_chunks: int = 0, fused: bool | None = None, packing: bool | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        packing = self.packing if packing is None else packing
+        fused_loss = None
+        if _use_fused(self, model, fused, min_chunks):
+            counts = _target_mask(am, cm, self.nll_scope).sum(-1).float()[None]
+            fused_loss, lps = fused_sequence_loss(model, ids, am, cm, self.scopes,
+                                                  [[j] for j in range(ids.shape[0])],
+                                                  self._term(counts, ids.shape[0], totals), self.chunk_size, packing)
+            lps = lps[self.nll_scope]
+        else:
+            lps = sequence_logps(model, ids, am, cm, (self.nll_scope,), self.chunk_size, min_chunks,
+                                 packing)[self.nll_scope]
         mean_loss = nll(lps, self.nll_reduction)
         metrics = {"loss": mean_loss.detach(), "nll": mean_loss.detach(), "chosen_logp": lps.mean.detach().mean()}
+        if fused_loss is not None:
+            return fused_loss, metrics
         return (mean_loss if totals is None else nll(lps, self.nll_reduction, totals)), metrics
 
 
@@ -481,6 +848,11 @@ def _probe_ids(model: nn.Module, device: torch.device) -> Tensor:
         vocab = int(model.get_output_embeddings().weight.shape[0])
     ids = (torch.arange(_CHECK_ROWS * _CHECK_TOKENS, device=device) * 7919 + 17) % vocab
     return ids.view(_CHECK_ROWS, _CHECK_TOKENS)
+
+
+def objective_packing(student: ORPOStudent) -> bool:
+    """Whether either objective of `student` was built with `packing=True`."""
+    return bool(getattr(student.orpo, "packing", False) or getattr(student.sft, "packing", False))
 
 
 class ORPOStudent(nn.Module):
@@ -501,17 +873,22 @@ class ORPOStudent(nn.Module):
     `uniform_chunks=True` (needed under DeepSpeed ZeRO-3, where every call of the head gathers its weight, so
     every rank must make the same number of calls): the ranks agree on the largest number of head chunks of this
     micro-batch (one small all-reduce) and the others add calls on zero rows. Values are unchanged.
+    It also rules out the fused head (which reads the head's weight directly), whatever the objectives say.
+    `packing=True` (`trainer.packing`): each batch's real tokens are packed into rows without pads before the
+    backbone runs (`pack_batch`), once `verify_packing` has seen that the model reads packed rows correctly (else
+    padded, with a warning); same log-probs, losses and gradients up to float rounding.
     The HF model stays reachable as `.model` (generation, export); under FSDP2 see `distributed.unsharded`.
     """
 
     def __init__(self, model: nn.Module, orpo: ORPOLoss | None = None, sft: SFTLoss | None = None,
-                 uniform_chunks: bool = False) -> None:
+                 uniform_chunks: bool = False, packing: bool = False) -> None:
         super().__init__()
         self.model = model
         self.orpo = orpo if orpo is not None else ORPOLoss()
         self.sft = sft if sft is not None else SFTLoss(self.orpo.nll_scope, self.orpo.nll_reduction,
-                                                       self.orpo.chunk_size)
+                                                       self.orpo.chunk_size, self.orpo.fused)
         self.uniform_chunks = uniform_chunks
+        self.packing = packing
         # accelerate's FSDP auto-wrap reads the shard units' class names from the module it prepares
         self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
 
@@ -535,8 +912,12 @@ class ORPOStudent(nn.Module):
             batch = tensors
         if chunked_head_ok(self.model) is None and not getattr(self.orpo, "naive", False):
             verify_chunked_head(self.model, _probe_ids(self.model, batch["input_ids"].device))
+        packing = self.packing or objective_packing(self)
+        if packing and not getattr(self.orpo, "naive", False):
+            packing = verify_packing(self.model)
         objective = self.orpo if batch_is_pair(batch) else self.sft
-        loss, metrics = objective(self.model, batch, totals, self._chunks_over_ranks(objective, batch))
+        loss, metrics = objective(self.model, batch, totals, self._chunks_over_ranks(objective, batch),
+                                  fused=False if self.uniform_chunks else None, packing=packing)
         if weight != 1.0:
             loss = loss * weight
         return loss, metrics
