@@ -286,6 +286,9 @@ class TrainerConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null: off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    packing: bool = Field(False, description="padding-free batches: each micro-batch's real tokens packed into rows "
+                          "without pads (positions restart per sequence), checked once against the padded path; "
+                          "same losses, less compute when lengths vary")
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     save_every_steps: int | None = Field(None, ge=1, description="checkpoint every N optimiser steps (and each epoch)")

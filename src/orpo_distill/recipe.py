@@ -375,8 +375,9 @@ class DistillRecipe:
         acc = self.accelerator
         model, self.tokenizer = build_model(cfg, acc.device)
         orpo = ORPOLoss(cfg.objective.lam, cfg.objective.nll_scope, cfg.objective.nll_reduction,
-                        cfg.objective.chunk_size)
-        sft = SFTLoss(cfg.objective.nll_scope, cfg.objective.nll_reduction, cfg.objective.chunk_size)
+                        cfg.objective.chunk_size, packing=tc.packing)
+        sft = SFTLoss(cfg.objective.nll_scope, cfg.objective.nll_reduction, cfg.objective.chunk_size,
+                      packing=tc.packing)
         self.fsdp2 = self.world > 1 and fsdp2_requested()
         self._replica: Any = None
         if self.fsdp2:  # shard first: the optimiser is built over the sharded (DTensor) parameters

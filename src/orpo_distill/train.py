@@ -147,6 +147,7 @@ HASH_CLASSES: dict[str, str] = {
                                               "group_by_length")], "weights"),
     **dict.fromkeys([f"trainer.lora.{k}" for k in ("enabled", "r", "alpha", "dropout", "target_modules",
                                                    "merge_on_save")], "weights"),
+    "trainer.packing": "neither",  # padding-free batches: the padded path's losses and gradients, float rounding aside
     # non-reentrant checkpointing recomputes with the saved RNG state: the same gradients, less memory
     **dict.fromkeys(["trainer.gradient_checkpointing", "trainer.save_every_steps", "trainer.log_every_steps",
                      "trainer.report_to"], "neither"),
