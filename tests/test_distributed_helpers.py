@@ -1,8 +1,11 @@
 """One-process tests of the distributed building blocks: `loss.ORPOStudent` gives the functional losses' values,
 the world-size factor of `StepTotals` makes the rank-averaged gradient the one-process gradient (ranks simulated
-in one process), `split_step` shards a step, `deepspeed_config` writes what accelerate would otherwise default."""
+in one process), `split_step` shards a step, `deepspeed_config` writes what accelerate would otherwise default,
+a checkpoint the ranks write together appears with one rename."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +175,29 @@ def test_full_state_dicts_round_trip_in_one_process(unigram_tokenizer):
     opt_b = torch.optim.AdamW(b.parameters(), lr=0.1)
     load_full_state_dicts(b, model_sd, opt_b, optim_sd)
     assert opt_b.state_dict()["state"][0]["exp_avg"].equal(opt_a.state_dict()["state"][0]["exp_avg"])
+
+
+def test_sharded_checkpoint_is_published_by_one_rename(tmp_path):
+    """A checkpoint folder every rank writes into (FSDP2 dcp, DeepSpeed) is invisible until rank 0 renames it:
+    a save killed before the rename leaves the previous checkpoint the newest complete one, and the next save
+    removes the killed save's leftovers and the older checkpoint."""
+    from orpo_distill.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints
+    from orpo_distill.distributed import publish_checkpoint
+
+    root = tmp_path / "checkpoints"
+
+    def write(name: str) -> Path:
+        tmp = root / f".tmp-{name}-shared"
+        (tmp / "engine").mkdir(parents=True)
+        for r in range(2):  # what each rank writes, then rank 0's state.json last
+            (tmp / "engine" / f"rank{r}.pt").write_bytes(b"x")
+        (tmp / "state.json").write_text("{}")
+        return tmp
+
+    first = publish_checkpoint(write(checkpoint_name(2, False)), root / checkpoint_name(2, False))
+    assert latest_checkpoint(root) == first and (first / "engine" / "rank1.pt").is_file()
+    killed = write(checkpoint_name(4, False))  # every shard and state.json written, killed before the rename
+    assert latest_checkpoint(root) == first and killed.exists()
+    second = publish_checkpoint(write(checkpoint_name(5, True)), root / checkpoint_name(5, True))
+    assert list_checkpoints(root) == [second] and not killed.exists() and not first.exists()
+    assert sorted(p.name for p in root.iterdir()) == [second.name]

@@ -1,6 +1,6 @@
-"""Launchers the trainer cannot drive correctly yet (DeepSpeed, FSDP version 1) are refused with a message naming
-the supported ones, before anything is sampled or trained, instead of training with another loss scale or
-gradient clipping than the config says."""
+"""The one launcher the trainer cannot drive (FSDP version 1) is refused with a message naming the config key and
+the engines to use instead, before anything is sampled or trained; DDP, FSDP2 and DeepSpeed ZeRO launches are
+recognised and not refused."""
 
 from __future__ import annotations
 
@@ -9,28 +9,43 @@ import pytest
 from orpo_distill.config import config_from_dict
 from orpo_distill.errors import UserError
 
+ENGINE_VARS = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP", "FSDP_VERSION")
 
-@pytest.mark.parametrize("env, named", [({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed"),
-                                        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1")])
-def test_unsupported_engines_are_refused_before_training(monkeypatch, tmp_path, env, named):
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in ENGINE_VARS:
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+def test_fsdp_version_1_is_refused_before_training(clean_env, tmp_path):
     from orpo_distill.pipeline import preflight
     from orpo_distill.recipe import make_accelerator, unsupported_engine
 
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    assert named in (unsupported_engine() or "")
+    clean_env.setenv("ACCELERATE_USE_FSDP", "true")
+    clean_env.setenv("FSDP_VERSION", "1")
+    msg = unsupported_engine() or ""
+    assert "FSDP version 1" in msg and "fsdp_version" in msg and "examples/accelerate/fsdp2.yaml" in msg
     cfg = config_from_dict({"teacher": {"model": "t", "backend": "openai", "base_url": "http://127.0.0.1:9/v1"},
                             "student": {"model": "s"}, "run": {"out_dir": str(tmp_path / "run")}})
-    with pytest.raises(UserError, match=named):
+    with pytest.raises(UserError, match="FSDP version 1"):
         make_accelerator(cfg)
-    with pytest.raises(UserError, match="examples/accelerate/ddp.yaml"):
+    with pytest.raises(UserError, match="examples/accelerate/fsdp2.yaml"):
         preflight(cfg, stages=("train",), variants=["zero_shot"])
 
 
-def test_ddp_and_fsdp2_launches_are_not_refused(monkeypatch):
-    from orpo_distill.recipe import unsupported_engine
+@pytest.mark.parametrize("env, fsdp2, stage", [
+    ({}, False, None),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, True, None),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, False, 2),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, False, 3),
+])
+def test_ddp_fsdp2_and_deepspeed_launches_are_recognised_not_refused(clean_env, env, fsdp2, stage):
+    from orpo_distill.recipe import deepspeed_stage, fsdp2_requested, unsupported_engine
 
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
+    for k, v in env.items():
+        clean_env.setenv(k, v)
     assert unsupported_engine() is None
+    assert fsdp2_requested() is fsdp2
+    assert deepspeed_stage() == stage

@@ -26,6 +26,11 @@ One optimiser step, per engine (each verified on 2 CPU processes against one pro
   before `prepare` (an `Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])` on CPU); each
   micro-batch inside `accelerator.accumulate(wrapped)` (it marks DeepSpeed's boundary),
   `accelerator.backward(loss, scale_wrt_gas=False)`; `optimizer.step()` is then a no-op and DeepSpeed clips.
+  The trainer (recipe.py) marks the boundary itself (`engine.set_gradient_accumulation_boundary(last)`,
+  `engine.backward(loss, scale_wrt_gas=False)`) and calls `engine.step()` after its divergence check, which
+  accelerate's backward would not leave room for (it steps inside the last backward).
+- Sharded checkpoints (FSDP2 `save_sharded`, DeepSpeed `engine.save_checkpoint`): every rank writes into one
+  temporary folder, then rank 0 adds its state and `publish_checkpoint` renames it into place.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -188,6 +195,22 @@ def unsharded(module: nn.Module) -> Iterator[nn.Module]:
         module.reshard()
 
 
+@contextlib.contextmanager
+def zero3_init_disabled() -> Iterator[None]:
+    """Load HF models as plain (unpartitioned) modules inside a ZeRO-3 job: transformers partitions every model it
+    loads while a ZeRO-3 DeepSpeed config is registered with it (accelerate registers one for `zero3_init_flag`;
+    its own `zero3_init_context_manager(enable=False)` registers the same stage-3 config again, so it does not
+    help). The registration is lifted for the block and put back afterwards."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref  # the one place transformers keeps it (a module-level weakref)
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
 def full_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None = None
                      ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Unsharded model (and optimiser) state dicts on CPU, for DDP, FSDP2 or a plain module alike (a collective
@@ -253,6 +276,37 @@ def load_sharded(path: str | os.PathLike[str], module: nn.Module,
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=os.fspath(path))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_checkpoint(tmp: str | os.PathLike[str], final: str | os.PathLike[str], keep: int = 1) -> Path:
+    """Make a checkpoint folder that every rank wrote into (`tmp`, complete: call after a barrier) visible with
+    one rename (rank 0 only): every file and folder fsynced, then `tmp` -> `final`; afterwards the older
+    `ckpt-*` folders beyond `keep` and the temporary folders of killed saves go. A kill -9 before the rename
+    leaves only a temporary folder, which readers (`checkpoint.list_checkpoints`) ignore."""
+    from .checkpoint import list_checkpoints
+
+    tmp, final = Path(tmp), Path(final)
+    for dirpath, _, files in os.walk(tmp, topdown=False):
+        for f in files:
+            _fsync(Path(dirpath) / f)
+        _fsync(Path(dirpath))
+    if final.exists():  # the same position saved again after a resume: replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(final.parent)
+    for old in list_checkpoints(final.parent)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in final.parent.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
 
 
 def hf_state_dict(model_sd: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:

@@ -588,8 +588,7 @@ def preflight(cfg: Config, *, stages: Sequence[str] = ("teacher", "student", "tr
 
         engine = unsupported_engine()
         if engine:  # before any sampling is paid for, not when the first variant starts
-            problems.append(f"{engine} is not driven by the trainer yet: launch with DDP (torchrun, or "
-                            "examples/accelerate/ddp.yaml) or FSDP2 (examples/accelerate/fsdp2.yaml)")
+            problems.append(engine)
         _check_out_dir(Path(cfg.run.out_dir), problems)
         other = finished_with_other_settings(cfg, variants, seeds)
         if other:  # the first in full (they read alike), and how many more

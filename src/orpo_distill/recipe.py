@@ -26,10 +26,19 @@ one process's with the same global batch; logged metrics are reduced over the ra
 every collective is skipped and the arithmetic is exactly the single-process trainer's.
 
 FSDP2 (when the launcher asks for it, `fsdp2_requested`): the ORPOStudent is sharded with `fully_shard` instead
-of wrapped in DDP; the step is the same. Checkpoints hold the full model and optimiser state gathered on rank 0
-(the same files as DDP's) and load back into the shards; sampling, evaluation, hardest-negative scoring and the
-export use a plain replica loaded with the gathered full weights (`plain_student`), so they need one full copy of
-the student per rank while they run.
+of wrapped in DDP; the step is the same. Checkpoints are sharded (torch.distributed.checkpoint, every rank writes
+its own shards of the model and optimiser into one folder that rank 0 publishes with a rename); sampling,
+evaluation, hardest-negative scoring and the export use a plain replica loaded with the gathered full weights
+(`plain_student`), so they need one full copy of the student per rank while they run.
+
+DeepSpeed ZeRO-2/3 (an accelerate DeepSpeed launch, `deepspeed_stage`): `make_accelerator` writes the trainer's
+micro-batch, grad_accum and clipping (trainer.max_grad_norm, on the global norm) into the launch config's DeepSpeed
+config; the engine wraps the ORPOStudent (ZeRO-3: `uniform_chunks`, so every rank makes the same head calls) and
+our AdamW, and steps our schedule object. Each micro-batch: `set_gradient_accumulation_boundary(last)`,
+`backward(loss, scale_wrt_gas=False)` (the shares already sum to the step's loss); after the divergence check
+`engine.step()` clips, steps and zeroes. Checkpoints: the engine's own (`save_checkpoint`, a partition per rank),
+published atomically like FSDP2's. Under ZeRO-3 sampling, evaluation and the export use a plain replica loaded
+with the gathered weights (`deepspeed.zero.GatheredParameters`), as under FSDP2.
 """
 
 from __future__ import annotations
@@ -117,32 +126,50 @@ def _mixed_precision(cfg: Config, device_type: str) -> str:
 
 def make_accelerator(cfg: Config) -> Any:
     """An `accelerate.Accelerator` for the student's device and the trainer's precision. Under a launcher
-    (torchrun, `accelerate launch`) it joins the job's process group: gloo on CPU, NCCL on GPU."""
+    (torchrun, `accelerate launch`) it joins the job's process group: gloo on CPU, NCCL on GPU. Under a DeepSpeed
+    launch (`deepspeed_stage()`) the launch config's DeepSpeed plugin gets the trainer's settings first
+    (`distributed.apply_trainer_settings`: per-rank micro-batch, grad_accum, clipping = trainer.max_grad_norm)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     unsupported = unsupported_engine()
     if unsupported:
-        raise UserError(f"{unsupported} is not driven by the trainer yet (its step is verified at module level only): "
-                        "launch with DDP (torchrun, or examples/accelerate/ddp.yaml) or FSDP2 "
-                        "(examples/accelerate/fsdp2.yaml) instead")
+        raise UserError(unsupported)
     dev = cfg.student.device
     cpu = dev == "cpu" or (dev == "auto" and not torch.cuda.is_available())
     mp = _mixed_precision(cfg, "cpu" if cpu else "cuda")
+    kwargs: dict[str, Any] = {"cpu": cpu, "mixed_precision": mp}
+    if deepspeed_stage() is not None:
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        from .distributed import apply_trainer_settings, dist_info
+
+        world, tc = dist_info().world, cfg.trainer
+        plugin = DeepSpeedPlugin()  # from the launch config (ACCELERATE_DEEPSPEED_* variables)
+        apply_trainer_settings(plugin.deepspeed_config, micro_batch=max(1, math.ceil(
+            tc.batch_size / (world * tc.grad_accum))), grad_accum=tc.grad_accum, max_grad_norm=tc.max_grad_norm,
+            world=world)
+        # DeepSpeed is disabled under Accelerator(cpu=True); on a CPU (DS_ACCELERATOR=cpu) its ranks talk gloo
+        kwargs = {"mixed_precision": mp, "deepspeed_plugin": plugin}
+        if cpu:
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     try:
-        return Accelerator(cpu=cpu, mixed_precision=mp)
-    except ValueError:  # an earlier variant in this process used another precision: accelerate keeps one state
+        return Accelerator(**kwargs)
+    except (ValueError, NotImplementedError):
+        # an earlier variant in this process made an Accelerator with another precision (ValueError) or a
+        # DeepSpeed plugin (NotImplementedError): accelerate keeps one state per process; the process group stays
         AcceleratorState._reset_state(True)
-        return Accelerator(cpu=cpu, mixed_precision=mp)
+        return Accelerator(**kwargs)
 
 
 def unsupported_engine() -> str | None:
-    """The launcher's engine when the recipe cannot run it correctly (it would train with another loss scale or
-    clipping than configured): DeepSpeed (`accelerate launch --use_deepspeed` / a zero config) or FSDP version 1."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        return "DeepSpeed (ACCELERATE_USE_DEEPSPEED)"
+    """Why the launcher's engine cannot train this recipe (None when it can): FSDP version 1 (`accelerate launch
+    --use_fsdp --fsdp_version 1`, or a config with `fsdp_version: 1`). DDP, FSDP2 and DeepSpeed ZeRO are driven."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and os.environ.get("FSDP_VERSION", "2") != "2":
-        return f"FSDP version {os.environ.get('FSDP_VERSION')} (FSDP_VERSION)"
+        return (f"FSDP version {os.environ.get('FSDP_VERSION')} (FSDP_VERSION, from the accelerate config's "
+                "fsdp_config.fsdp_version) is not supported by the trainer: use FSDP2 (fsdp_version: 2, as in "
+                "examples/accelerate/fsdp2.yaml), DeepSpeed ZeRO (examples/accelerate/zero3.yaml) or DDP "
+                "(torchrun, or examples/accelerate/ddp.yaml)")
     return None
 
 
@@ -152,6 +179,14 @@ def fsdp2_requested() -> bool:
     `torch.distributed.fsdp.fully_shard` itself (`distributed.apply_fsdp2`), on CPU (gloo) as on GPU."""
     return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
             and os.environ.get("FSDP_VERSION", "2") == "2")
+
+
+def deepspeed_stage() -> int | None:
+    """The ZeRO stage when the launcher asked for DeepSpeed (`accelerate launch` with a DeepSpeed config such as
+    examples/accelerate/zero2.yaml / zero3.yaml, or `--use_deepspeed --zero_stage N`), else None."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true"):
+        return None
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
 
 
 def build_model(cfg: Config, device: torch.device) -> tuple[Any, Any]:
@@ -379,11 +414,27 @@ class DistillRecipe:
         sft = SFTLoss(cfg.objective.nll_scope, cfg.objective.nll_reduction, cfg.objective.chunk_size,
                       packing=tc.packing)
         self.fsdp2 = self.world > 1 and fsdp2_requested()
+        self.zero = deepspeed_stage() if acc.distributed_type.value == "DEEPSPEED" else None
+        self.zero3 = self.zero == 3
         self._replica: Any = None
-        if self.fsdp2:  # shard first: the optimiser is built over the sharded (DTensor) parameters
+        if self.zero is not None:
+            # DeepSpeed ZeRO through accelerate: the engine wraps the ORPOStudent (the loss runs inside its
+            # forward; under ZeRO-3 every rank makes the same number of head calls), our AdamW (ZeRO shards its
+            # state) and the schedule object, which the engine steps after each optimiser step
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+            self.scheduler = DistillSchedule(optimizer, tc.lr_scheduler)
+            self.model, self.optimizer = acc.prepare(ORPOStudent(model, orpo, sft, uniform_chunks=self.zero3),
+                                                     optimizer)
+            # accelerate hands DeepSpeed only its own scheduler classes: the engine steps ours after each of its
+            # optimiser steps (and skips it with a skipped step), as it would a client scheduler
+            self.model.lr_scheduler = self.scheduler
+        elif self.fsdp2:  # shard first: the optimiser is built over the sharded (DTensor) parameters
             from .distributed import apply_fsdp2
 
             student = apply_fsdp2(ORPOStudent(model, orpo, sft))
+            if not any(hasattr(p, "to_local") for p in student.parameters()):  # never train unsharded silently
+                raise RuntimeError("FSDP2 was requested (FSDP_VERSION=2) but fully_shard left no parameter sharded")
             self.params = [p for p in student.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
             self.scheduler = DistillSchedule(optimizer, tc.lr_scheduler)
@@ -414,18 +465,30 @@ class DistillRecipe:
         """The HF student with its full current weights, usable by one process (generation, scoring, export).
         DDP: the model itself. FSDP2: every rank gathers the full weights (a collective: every rank calls it)
         into a plain replica built once (outside the training RNG streams)."""
-        if not self.fsdp2:
+        if not (self.fsdp2 or self.zero3):
             return self.raw_model
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        if self.zero3:  # every rank gathers the partitioned parameters (a collective) and copies them
+            import deepspeed
 
-        from .distributed import hf_state_dict
+            with deepspeed.zero.GatheredParameters(list(self.raw_model.parameters()), modifier_rank=None):
+                full = {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()}
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = hf_state_dict(get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True)))
+            from .distributed import hf_state_dict
+
+            full = hf_state_dict(get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True)))
         if self._replica is None:
-            with rng_fork():
+            with rng_fork(), self._plain_init():
                 self._replica = build_model(self.cfg, self.accelerator.device)[0]
         self._replica.load_state_dict(full)
         return self._replica
+
+    def _plain_init(self) -> Any:
+        """Build a model outside DeepSpeed's ZeRO-3 partitioned loading (zero3_init_flag), which would shard it."""
+        from .distributed import zero3_init_disabled
+
+        return zero3_init_disabled() if self.zero3 else contextlib.nullcontext()
 
     def _setup_data(self) -> None:
         cfg, spec = self.cfg, self.spec
@@ -479,7 +542,16 @@ class DistillRecipe:
                 raise UserError(f"{ckpt} was written with another config (hash {saved.get('identity_hash')}, now "
                                 f"{fp['identity_hash']}: {_changed(saved.get('settings'), fp['settings']['weights'])}"
                                 f"); resume with the same config and overrides, or remove {self.out} to start over")
-            if self.fsdp2:
+            fmt = saved.get("checkpoint_format", "full")
+            if fmt != self.checkpoint_format and not (self.fsdp2 and fmt == "full"):
+                raise UserError(f"{ckpt} was written by a {saved.get('engine', 'ddp')} launch ({fmt} checkpoint) and "
+                                f"this launch trains with {self.engine_name} ({self.checkpoint_format}): resume "
+                                f"with the launch that wrote it, or remove {ckpt.parent} to restart this variant")
+            if fmt == "deepspeed":
+                self.state = self._load_engine(ckpt)
+            elif fmt == "dcp":
+                self.state = self._load_dcp(ckpt)
+            elif self.fsdp2:
                 self.state = self._load_sharded(ckpt)
             else:
                 self.state = load_checkpoint(ckpt, model=self.raw_model, optimizer=self.optimizer,
@@ -499,8 +571,30 @@ class DistillRecipe:
                                  self.state["log_lines"] if ckpt else None, self.state["global_step"])
         self.plan = self._restore_plan(self.state["plan"]) if self.state["plan"] else None
 
+    def _load_engine(self, ckpt: Path) -> dict[str, Any]:
+        """DeepSpeed: every rank loads its partitions (weights, optimiser) from the engine's checkpoint; the LR is
+        re-applied from the saved position by the schedule (`set_length`)."""
+        self.model.load_checkpoint(str(ckpt), tag="engine", load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+        set_rng_state(state["rng"])
+        return state
+
+    def _load_dcp(self, ckpt: Path) -> dict[str, Any]:
+        """FSDP2: every rank reads its own shards of the model and optimiser (torch.distributed.checkpoint)."""
+        from .distributed import load_sharded
+
+        load_sharded(ckpt / "dcp", self.model, self.optimizer)
+        if self.accelerator.scaler is not None and (ckpt / "scaler.pt").is_file():
+            self.accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", map_location="cpu",
+                                                               weights_only=True))
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+        set_rng_state(state["rng"])
+        return state
+
     def _load_sharded(self, ckpt: Path) -> dict[str, Any]:
-        """FSDP2: every rank loads the checkpoint's full trainable weights and optimiser state into its shards."""
+        """FSDP2 from a full-state checkpoint (written before checkpoints were sharded): every rank loads the full
+        trainable weights and optimiser state into its shards."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         state, tensors, optim = read_checkpoint(ckpt)
@@ -647,9 +741,17 @@ class DistillRecipe:
                 last = j == len(micro) - 1  # gradients are synchronised once per step, on its last micro-batch
                 if self.fsdp2:
                     self.model.set_requires_gradient_sync(last)
-                with contextlib.nullcontext() if last or self.world == 1 or self.fsdp2 else acc.no_sync(self.model):
+                if self.zero is not None:
+                    # DeepSpeed's accumulation boundary is the step's last micro-batch; the engine's own division
+                    # by grad_accum is off (the shares already sum to the step's loss). The engine steps below,
+                    # after the divergence checks (accelerate's backward would step inside the last backward).
+                    self.model.set_gradient_accumulation_boundary(last)
                     loss, m = self.loss_step(batch, totals, weight)
-                    acc.backward(loss)
+                    self.model.backward(loss, scale_wrt_gas=False)
+                else:
+                    with contextlib.nullcontext() if last or self.world == 1 or self.fsdp2 else acc.no_sync(self.model):
+                        loss, m = self.loss_step(batch, totals, weight)
+                        acc.backward(loss)
                 if weight == 0.0:
                     continue
                 mb_losses.append(float(loss.detach()))
@@ -657,7 +759,9 @@ class DistillRecipe:
                 per_mb.append({**{k: float(v) for k, v in m.items()}, "_weight": float(len(mb))})
             metrics, tokens, n_bad = self._step_metrics(per_mb, mb_losses, tokens)
             grad_norm = None
-            if self.fsdp2:  # the global norm over the DTensor gradients (clipped, or only measured)
+            if self.zero is not None:
+                pass  # DeepSpeed clips (gradient_clipping = trainer.max_grad_norm) and reports the norm in its step
+            elif self.fsdp2:  # the global norm over the DTensor gradients (clipped, or only measured)
                 norm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm or float("inf"))
                 grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             elif tc.max_grad_norm is not None:
@@ -682,9 +786,17 @@ class DistillRecipe:
                     self.logger.close()
                 raise _diverged(cfg, self.variant, self.seed, state["global_step"] + 1, epoch, bad, self.out)
             lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.zero is not None:
+                self.model.step()  # clip on the global norm, AdamW, zero the gradients, step the schedule
+                grad_norm = self.model.get_global_grad_norm()
+                grad_norm = None if grad_norm is None else float(grad_norm)
+                if grad_norm is not None and not math.isfinite(grad_norm):  # DeepSpeed skipped (ZeRO-2) the step
+                    raise _diverged(cfg, self.variant, self.seed, state["global_step"] + 1, epoch,
+                                    ("the gradient norm", grad_norm), self.out)
+            else:
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
             state["global_step"] += 1
             state["step_in_epoch"] = step_idx + 1
             dt = time.perf_counter() - t0
@@ -767,40 +879,76 @@ class DistillRecipe:
         bad = None
         for name, p in self.raw_model.named_parameters():
             local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()  # FSDP2: this rank's shard
+            local = getattr(p, "ds_tensor", local)  # ZeRO-3: this rank's partition
             if p.requires_grad and not bool(torch.isfinite(local).all()):
                 bad = name
                 break
-        if self.fsdp2:  # each rank saw its own shards: all of them decide on the union
+        if self.fsdp2 or self.zero3:  # each rank saw its own shards: all of them decide on the union
             names: list[Any] = [None] * self.world
             torch.distributed.all_gather_object(names, bad)
             bad = next((n for n in names if n), None)
         if bad is not None:
             raise _diverged(self.cfg, self.variant, self.seed, step, epoch, (f"weight {bad}", "non-finite"), self.out)
 
+    @property
+    def engine_name(self) -> str:
+        """What trained it (result.json, checkpoints): single, ddp, fsdp2, zero2 or zero3."""
+        if self.zero is not None:
+            return f"zero{self.zero}"
+        return "fsdp2" if self.fsdp2 else "ddp" if self.world > 1 else "single"
+
+    @property
+    def checkpoint_format(self) -> str:
+        """full (rank 0's files, DDP / one process), dcp (torch.distributed.checkpoint, a file per rank: FSDP2)
+        or deepspeed (the engine's save_checkpoint: ZeRO partitions per rank)."""
+        return "deepspeed" if self.zero is not None else "dcp" if self.fsdp2 else "full"
+
     def save_checkpoint(self, epoch_end: bool) -> None:
-        """Rank 0 writes the checkpoint atomically (DDP: the state is replicated), with every rank's RNG states."""
+        """An atomic checkpoint with every rank's RNG states. DDP (the state is replicated): rank 0 writes the
+        weights and optimiser. FSDP2 / DeepSpeed: every rank writes its own shards into one temporary folder, rank 0
+        adds state.json and publishes the folder with one rename (`distributed.publish_checkpoint`), so a kill -9
+        at any moment leaves the previous checkpoint as the newest complete one."""
         state = self.state
         plan = None if epoch_end else self.plan
         state["plan"] = {k: v for k, v in plan.items() if not k.startswith("_")} if plan else None
         state["costs"] = self.costs
         state["sample_reports"] = self.sample_reports
+        state["engine"], state["checkpoint_format"] = self.engine_name, self.checkpoint_format
         self._check_finite_weights(state["global_step"], state["epoch"])
         if self.world > 1:
             ranks: list[Any] = [None] * self.world
             torch.distributed.all_gather_object(ranks, rng_state())
             state["rng_by_rank"] = ranks
-        tensors = optim = None
-        if self.fsdp2:  # the full (unsharded) model and optimiser state, gathered on rank 0 (a collective)
-            from .distributed import full_state_dicts, hf_state_dict
+        name = checkpoint_name(state["global_step"], epoch_end)
+        root = self.out / "checkpoints"
+        if self.checkpoint_format == "full":
+            if self.is_main:
+                state["log_lines"] = self.logger.lines if self.logger is not None else None
+                save_checkpoint(root, name, model=self.raw_model, optimizer=self.optimizer, state=state,
+                                scaler=self.accelerator.scaler)
+            self.barrier()
+            return
+        from .distributed import publish_checkpoint, save_sharded
 
-            model_sd, optim = full_state_dicts(self.model, self.optimizer)
-            trainable = {n for n, p in self.raw_model.named_parameters() if p.requires_grad}
-            tensors = {k: v.contiguous() for k, v in hf_state_dict(model_sd).items() if k in trainable}
+        tmp = root / f".tmp-{name}-shared"  # one name for every rank (the ranks' pids differ)
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        self.barrier()
+        if self.zero is not None:
+            self.model.save_checkpoint(str(tmp), tag="engine", save_latest=False)
+        else:
+            save_sharded(tmp / "dcp", self.model, self.optimizer)
+        self.barrier()
         if self.is_main:
             state["log_lines"] = self.logger.lines if self.logger is not None else None
-            save_checkpoint(self.out / "checkpoints", checkpoint_name(state["global_step"], epoch_end),
-                            model=self.raw_model, optimizer=self.optimizer, state=state,
-                            scaler=self.accelerator.scaler, tensors=tensors, optimizer_state=optim)
+            if self.accelerator.scaler is not None:
+                torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            (tmp / "state.json").write_text(strict_json({**state, "rng": rng_state()}, ensure_ascii=False),
+                                            encoding="utf-8")
+            publish_checkpoint(tmp, root / name)
         self.barrier()
 
     # ---------------------------------------------------------------------------------------------- the loop
@@ -860,7 +1008,7 @@ class DistillRecipe:
             "per_epoch": history, "final_eval": history[-1].get("eval") if history else None,
             "sampling": self.sample_reports, "costs": self.costs, "model_dir": str(self.out / "model"),
             "processes": self.world,  # data-parallel ranks it was trained on (the numbers do not depend on it)
-            "engine": "fsdp2" if self.fsdp2 else "ddp" if self.world > 1 else "single",
+            "engine": self.engine_name,
         }
         self._check_finite_weights(self.state["global_step"], self.epochs)
         final = self.plain_student()  # FSDP2: the full weights gathered (every rank)
