@@ -183,9 +183,12 @@ def _job_worker(cfg: Config, variant: str, seed: int, threads: int) -> tuple[str
     """One variant x seed in a worker process: ("ok", [result]) or ("diverged", message)."""
     import torch
 
+    from transformers.utils import logging as hf_logging
+
     from .train import run_train
 
     torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()  # this process only: the parent draws the run's one progress line
     try:
         return "ok", run_train(cfg, variants=[variant], seeds=[seed], progress=False)
     except TrainingDiverged as e:
@@ -705,7 +708,10 @@ def run_demo(out: str | os.PathLike[str], *, quick: bool = False, overrides: Seq
     """`orpo-distill demo`: the whole pipeline on the synthetic task with the shipped tiny teacher and student."""
     from .report import render_results_md
 
+    from transformers.utils import logging as hf_logging
+
     cfg = demo_config(out, quick=quick, overrides=overrides)
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars between the demo's own progress lines
     t0 = time.perf_counter()
     try:
         results = run(cfg, progress=progress, job_bars=False)

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import VARIANTS
+from .config import ALL_VARIANTS
 from .errors import UserError
 from .files import atomic_path, atomic_write_json, atomic_write_text
 from .secrets import redact_text
@@ -32,8 +32,12 @@ VARIANT_NAMES: dict[str, str] = {
     "orpo_off": "off-policy ORPO",
     "orpo_on": "on-policy ORPO",
     "orpo_mixed": "mixed-policy ORPO",
+    # beyond the paper
+    "orpo_mixed_prefix": "mixed ORPO, rejected after shared prefix",
+    "orpo_mixed_firsterr": "mixed ORPO, rejected from first error",
+    "orpo_adaptive": "ORPO, adaptive phi",
 }
-assert tuple(VARIANT_NAMES) == VARIANTS
+assert tuple(VARIANT_NAMES) == ALL_VARIANTS
 
 # Our task names -> the paper's column names.
 PAPER_TASKS: dict[str, str] = {"medqa": "MedQA", "arc_challenge": "ARC-C", "strategyqa": "StrategyQA",
@@ -85,7 +89,7 @@ def task_label(task: str) -> str:
 
 def ordered_variants(names: Sequence[str]) -> list[str]:
     """The paper's order first, then any other variant names in the order given."""
-    known = [v for v in VARIANTS if v in names]
+    known = [v for v in ALL_VARIANTS if v in names]
     return known + [v for v in names if v not in VARIANT_NAMES]
 
 
@@ -506,13 +510,13 @@ def _colors() -> dict[str, Any]:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]
-    return {v: cmap(i) for i, v in enumerate(VARIANTS)}
+    return {v: cmap(i) for i, v in enumerate(ALL_VARIANTS)}
 
 
 def _color(name: str, i: int = 0) -> Any:
     from matplotlib import colormaps
 
-    return _colors().get(name) or colormaps["tab10"]((len(VARIANTS) + i) % 10)
+    return _colors().get(name) or colormaps["tab20"]((len(ALL_VARIANTS) + i) % 20)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -538,11 +542,28 @@ def model_title(model: Any) -> str:
     layers = c.get("num_hidden_layers") or c.get("n_layer")
     hidden = c.get("hidden_size") or c.get("n_embd")
     size = f", {layers} x {hidden}" if layers and hidden else ""
-    return f"{Path(text).name} ({c.get('model_type', '?')}{size})"
+    params = _safetensors_params(Path(text) / "model.safetensors")
+    count = f", {params / 1e6:.2f}M params" if params else ""
+    return f"{Path(text).name} ({c.get('model_type', '?')}{size}{count})"
+
+
+def _safetensors_params(path: Path) -> int | None:
+    """Parameters in a safetensors file, from its header alone (no tensor is read)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 1 << 26 else {}
+    except (OSError, ValueError):
+        return None
+    total = 0
+    for name, meta in header.items():
+        if name != "__metadata__" and isinstance(meta, dict):
+            total += math.prod(int(d) for d in meta.get("shape", []))
+    return total or None
 
 
 def _title(results: Mapping[str, Any]) -> str:
-    return (f"{results.get('task', '')}: student {model_title(results.get('student', '?'))} taught by "
+    return (f"{results.get('task', '')}: {model_title(results.get('student', '?'))} taught by "
             f"{model_title(results.get('teacher', '?'))}")
 
 
