@@ -28,7 +28,7 @@ def _dead_url() -> str:
 # -- config ------------------------------------------------------------------------------------------------------
 
 def test_single_teacher_mapping_keeps_its_meaning_and_hashes():
-    from orpo_distill.run_traces import model_revision, teacher_identity, teacher_query, teacher_queries
+    from orpo_distill.run_traces import model_revision, teacher_identity, teacher_queries, teacher_query
     from orpo_distill.train import HASH_CLASSES, _keys_of_class, config_leaves
 
     cfg = config_from_dict({"teacher": {"model": "org/t", "backend": "openai", "base_url": "http://127.0.0.1:1/v1"},

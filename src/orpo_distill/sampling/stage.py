@@ -25,9 +25,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import time
-from dataclasses import replace as dataclasses_replace
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import Any
 
