@@ -7,6 +7,12 @@ preference pairs: random-word prompts of P tokens and chosen/rejected completion
 under a word-level tokenizer, so both tokenise every pair to exactly P + C tokens; `PAIRS` pairs per step,
 lambda = beta = 1, AdamW, max grad norm 1, fp32 on the CPU (or bf16 autocast on CUDA with --device cuda).
 
+The `gsm8k` shape draws every prompt and every chosen / rejected completion length independently from the
+length distribution of GSM8K's test questions and reference answers (deciles of their word-and-punctuation piece
+counts, `GSM8K_DECILES`), so a step holds what real traces hold: sequences of different lengths, chosen and
+rejected of different lengths, padding in every padded batch. Its tokens/s counts real tokens only (prompt +
+completion of every sequence, no pads), the same for every configuration.
+
 Each configuration runs in its own child process (one torch thread on CPU) so that memory numbers do not mix:
 - time: the median interval between consecutive optimiser-step ends (AdamW.step is wrapped the same way on both
   sides), skipping the first 3 steps; it therefore includes everything each trainer does per step (collation,
@@ -14,11 +20,15 @@ Each configuration runs in its own child process (one torch thread on CPU) so th
 - memory (CPU): the process's peak resident set size (`resource.getrusage(...).ru_maxrss`, kernel-tracked) and that
   peak minus the RSS just before the first training forward (the step's own working set: activations, gradients,
   optimiser state, logits). tracemalloc is NOT used: it does not see tensor memory. On CUDA: max_memory_allocated.
-Configurations: ours (gradient checkpointing off, our default), ours_gc (on), trl (TRL's defaults: gradient
-checkpointing on), trl_nogc (off).
+Besides wall seconds per step the children report CPU seconds per step (the process's user + system time between
+the same step ends): on a shared machine wall time also counts waiting for a core, CPU time much less so.
+Configurations: ours (gradient checkpointing off, our default), ours_pack (`trainer.packing: true`,
+padding-free batches), ours_bf16 (`trainer.precision: bf16`, bf16 autocast on the CPU too), ours_gc (gradient
+checkpointing on), trl (TRL's defaults: gradient checkpointing on), trl_nogc (off).
 
     python benchmarks/bench_step.py                  # tiny shape (the anchor's CPU shape)
     python benchmarks/bench_step.py --shape small    # a somewhat larger model and batch
+    python benchmarks/bench_step.py --shape gsm8k    # the small model on GSM8K-like lengths (8 pairs a step)
 """
 
 from __future__ import annotations
@@ -37,9 +47,22 @@ SHAPES = {
     # vocab, hidden, layers, intermediate, heads, prompt tokens, completion tokens, pairs per step
     "tiny": (32000, 64, 2, 256, 4, 16, 32, 2),
     "small": (32000, 256, 4, 1024, 4, 64, 192, 4),
+    # the small model; P and C are the caps of the drawn lengths (prompt, completion)
+    "gsm8k": (32000, 256, 4, 1024, 4, 181, 304, 8),
 }
-CONFIGS = ("ours", "ours_gc", "trl", "trl_nogc")
+# Deciles (0%, 10%, ..., 100%) of GSM8K test-set lengths in word-and-punctuation pieces (regex \w+|[^\w\s]) of
+# the 1319 questions (prompts) and reference answers (completions); lengths are drawn uniformly between deciles.
+GSM8K_DECILES = {"prompt": (19, 32, 36, 41, 46, 51, 55, 61, 68, 81, 181),
+                 "completion": (25, 53, 65, 74, 84, 94, 106, 119, 134, 159, 304)}
+VARIABLE = {"gsm8k"}
+CONFIGS = ("ours", "ours_pack", "ours_bf16", "ours_gc", "trl", "trl_nogc")
 WARMUP = 3
+
+
+def draw_length(rng, deciles: tuple[int, ...]) -> int:
+    """A length drawn from a distribution given by its deciles (uniform between neighbouring deciles)."""
+    i = rng.randrange(10)
+    return rng.randint(deciles[i], deciles[i + 1])
 
 
 def _words(rng, n: int, vocab: int) -> str:
@@ -72,10 +95,19 @@ def build(shape: str, root: Path, steps: int) -> dict:
     rng = random.Random(1)
     n = PAIRS * (steps + 1)
     # TRL tokenises prompt + completion as one string: the trailing space keeps the last prompt word apart.
-    pairs = [{"prompt": _words(rng, P, V) + " ", "chosen": _words(rng, C - 1, V), "rejected": _words(rng, C - 1, V)}
-             for _ in range(n)]
+    if shape in VARIABLE:
+        lens = [(draw_length(rng, GSM8K_DECILES["prompt"]), draw_length(rng, GSM8K_DECILES["completion"]),
+                 draw_length(rng, GSM8K_DECILES["completion"])) for _ in range(n)]
+    else:
+        lens = [(P, C, C)] * n
+    pairs = [{"prompt": _words(rng, p, V) + " ", "chosen": _words(rng, c - 1, V), "rejected": _words(rng, r - 1, V)}
+             for p, c, r in lens]
     (root / "pairs.json").write_text(json.dumps(pairs))
-    return {"model_dir": str(model_dir), "P": P, "C": C, "PAIRS": PAIRS, "V": V, "steps": steps}
+    # real tokens (prompt + completion + EOS, both sequences of a pair), per pair on average
+    real = sum(2 * p + c + r for p, c, r in lens) / n
+    return {"model_dir": str(model_dir), "P": P, "C": C, "PAIRS": PAIRS, "V": V, "steps": steps,
+            "variable": shape in VARIABLE, "max_total": max(p + max(c, r) for p, c, r in lens),
+            "real_tokens_per_step": real * PAIRS}
 
 
 class _Probe:
@@ -87,6 +119,7 @@ class _Probe:
         from transformers.models.llama import modeling_llama
 
         self.ends: list[float] = []
+        self.cpu_ends: list[float] = []
         self.rss_before = None
         self.cuda = device == "cuda"
         proc = psutil.Process()
@@ -98,6 +131,7 @@ class _Probe:
             if probe.cuda:
                 torch.cuda.synchronize()
             probe.ends.append(time.perf_counter())
+            probe.cpu_ends.append(time.process_time())
             return out
 
         torch.optim.AdamW.step = step
@@ -119,8 +153,10 @@ class _Probe:
         import torch
 
         d = [b - a for a, b in zip(self.ends[WARMUP:], self.ends[WARMUP + 1:])]
+        dc = [b - a for a, b in zip(self.cpu_ends[WARMUP:], self.cpu_ends[WARMUP + 1:])]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         out = {"steps_timed": len(d), "s_per_step": statistics.median(d) if d else None,
+               "cpu_s_per_step": statistics.median(dc) if dc else None,
                "peak_rss_MiB": round(peak / 2**20, 1),
                "step_peak_over_start_MiB": round((peak - (self.rss_before or peak)) / 2**20, 1)}
         if self.cuda:
@@ -129,7 +165,7 @@ class _Probe:
         return out
 
 
-def child_ours(setup: dict, root: Path, gc: bool, device: str) -> dict:
+def child_ours(setup: dict, root: Path, gc: bool, device: str, packing: bool = False, bf16: bool = False) -> dict:
     from orpo_distill.config import config_from_dict
     from orpo_distill.sampling.stage import model_identity, params_from_config
     from orpo_distill.store import Trace, TraceStore, trace_key
@@ -138,7 +174,7 @@ def child_ours(setup: dict, root: Path, gc: bool, device: str) -> dict:
 
     pairs = json.loads((root / "pairs.json").read_text())
     P, C, PAIRS = setup["P"], setup["C"], setup["PAIRS"]
-    out = root / ("ours_gc" if gc else "ours")
+    out = root / f"ours{'_gc' if gc else ''}{'_pack' if packing else ''}{'_bf16' if bf16 else ''}"
     cfg = config_from_dict({
         "run": {"out_dir": str(out / "run")},
         "teacher": {"model": "bench-teacher", "backend": "openai"},
@@ -147,7 +183,8 @@ def child_ours(setup: dict, root: Path, gc: bool, device: str) -> dict:
         "pairs": {"max_length": P + C + 8, "max_prompt_length": P + 4},
         "objective": {"lam": 1.0},
         "trainer": {"epochs": 1, "lr": 1e-6, "batch_size": PAIRS, "warmup_ratio": 0.0, "max_grad_norm": 1.0,
-                    "gradient_checkpointing": gc, "report_to": [], "precision": "auto"},
+                    "gradient_checkpointing": gc, "report_to": [], "precision": "bf16" if bf16 else "auto",
+                    "packing": packing},
     })
 
     class Q:
@@ -175,7 +212,8 @@ def child_ours(setup: dict, root: Path, gc: bool, device: str) -> dict:
         for q, p in zip(qs, pairs):
             rows.append(Trace(key=trace_key(role, mid, rev, source, q.text, params, 0), question_id=q.id, role=role,
                               source=source, model_id=mid, revision=rev, checkpoint=None, sample_index=0, seed=0,
-                              params=pd, prompt=q.text, completion=p[field_], n_tokens=C, prompt_tokens=P,
+                              params=pd, prompt=q.text, completion=p[field_], n_tokens=len(p[field_].split()) + 1,
+                              prompt_tokens=len(p["prompt"].split()),
                               finish_reason="stop", latency_s=0.0, answer="x", verdict=verdict, kept=True,
                               created_at=0.0))
     store.add(rows)
@@ -184,8 +222,9 @@ def child_ours(setup: dict, root: Path, gc: bool, device: str) -> dict:
                         store=store, progress=False)
     rep = probe.report()
     first = res["per_epoch"][0]
-    assert first["pairs"]["pairs"] == len(qs) and first["pairs"]["max_length_seen"] == P + C, first["pairs"]
-    rep["tokens_per_step"] = 2 * PAIRS * (P + C)
+    want_max = setup["max_total"] if setup["variable"] else P + C
+    assert first["pairs"]["pairs"] == len(qs) and first["pairs"]["max_length_seen"] == want_max, first["pairs"]
+    rep["tokens_per_step"] = setup["real_tokens_per_step"]
     return rep
 
 
@@ -209,11 +248,12 @@ def child_trl(setup: dict, root: Path, gc: bool, device: str) -> dict:
     trainer = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok)
     row = trainer.train_dataset[0]
     n_chosen = len(row["chosen_input_ids"])
-    assert n_chosen == P + C, (n_chosen, P + C)  # the same tokens as ours
+    want = len(pairs[0]["prompt"].split()) + len(pairs[0]["chosen"].split()) + 1
+    assert n_chosen == want, (n_chosen, want)  # the same tokens as ours
     probe = _Probe(device)
     trainer.train()
     rep = probe.report()
-    rep["tokens_per_step"] = 2 * PAIRS * (P + C)
+    rep["tokens_per_step"] = setup["real_tokens_per_step"]
     rep["trl_chosen_tokens"] = n_chosen
     return rep
 
@@ -236,8 +276,13 @@ def main() -> None:
             torch.set_num_threads(1)
         root = Path(args.root)
         setup = json.loads((root / "setup.json").read_text())
-        fn = child_ours if args.child.startswith("ours") else child_trl
-        rep = fn(setup, root, gc=args.child in ("ours_gc", "trl"), device=args.device)
+        gc = args.child in ("ours_gc", "trl")
+        if args.child.startswith("ours"):
+            rep = child_ours(setup, root, gc=gc, device=args.device, packing=args.child == "ours_pack",
+                             bf16=args.child == "ours_bf16")
+        else:
+            rep = child_trl(setup, root, gc=gc, device=args.device)
+        rep["real_tokens_per_s"] = rep["tokens_per_step"] / rep["s_per_step"] if rep.get("s_per_step") else None
         print("RESULT " + json.dumps(rep), flush=True)
         return
 
@@ -260,20 +305,25 @@ def main() -> None:
                 rows[c] = json.loads(line[-1][len("RESULT "):])
             print(c, rows[c], flush=True)
     V, H, L, _, _, P, C, PAIRS = SHAPES[args.shape]
-    head = (f"shape {args.shape}: Llama-shaped, tied embeddings, V={V} H={H} L={L}, {PAIRS} pairs x ({P} prompt + {C} completion) tokens; "
-            f"{args.device}, torch {torch.__version__}, {'1 thread' if args.device == 'cpu' else ''}")
+    lengths = (f"GSM8K-like lengths (prompt <= {P}, completions <= {C}, {setup['real_tokens_per_step']:.0f} real "
+               f"tokens a step on average)" if setup["variable"] else f"({P} prompt + {C} completion) tokens")
+    head = (f"shape {args.shape}: Llama-shaped, tied embeddings, V={V} H={H} L={L}, {PAIRS} pairs x {lengths}; "
+            f"{args.device}, torch {torch.__version__}, {'1 thread' if args.device == 'cpu' else ''}; "
+            f"load average {os.getloadavg()[0]:.2f} at the end")
     print("\n" + head)
-    print("| config | s/step (median) | peak RSS MiB | step peak over start MiB |" +
+    print("| config | s/step (median) | CPU s/step | real tokens/s | peak RSS MiB | step peak over start MiB |" +
           (" CUDA peak MiB |" if args.device == "cuda" else ""))
-    print("| --- | --- | --- | --- |" + (" --- |" if args.device == "cuda" else ""))
+    print("| --- | --- | --- | --- | --- | --- |" + (" --- |" if args.device == "cuda" else ""))
     for c, r in rows.items():
         if "error" in r:
-            print(f"| {c} | error | | |")
+            print(f"| {c} | error | | | | |")
             continue
-        print(f"| {c} | {r['s_per_step']:.4f} | {r['peak_rss_MiB']} | {r['step_peak_over_start_MiB']} |" +
+        print(f"| {c} | {r['s_per_step']:.4f} | {r['cpu_s_per_step']:.4f} | {r['real_tokens_per_s']:.0f} | "
+              f"{r['peak_rss_MiB']} | {r['step_peak_over_start_MiB']} |" +
               (f" {r['cuda_peak_MiB']} |" if args.device == "cuda" else ""))
     if args.out:
-        Path(args.out).write_text(json.dumps({"setup": head, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"setup": head, "load_average": os.getloadavg(), "rows": rows},
+                                             indent=1))
 
 
 if __name__ == "__main__":

@@ -470,7 +470,10 @@ def _compute_dtype(weight: Tensor) -> torch.dtype:
 
 def _fused_logits(h: Tensor, w: Tensor, b: Tensor | None, tf: HeadTransform, targets: Tensor
                   ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """float32 logits z of one chunk (kept for its gradient), tanh of the soft-cap, logsumexp, target log-probs."""
+    """One chunk's head: (e, t, s, target log-probs) with e = exp(z - max z) in float32 (in place of the logits z,
+    kept for the gradient: softmax = e / s), t the soft-cap's tanh (None without one), s = sum(e) per row.
+
+    One exp pass serves both the log-probs (logsumexp = max + log s) and the gradient (no second softmax)."""
     z = (h @ w.t() if b is None else torch.addmm(b, h, w.t())).float()
     if tf.scale != 1.0:
         z.mul_(tf.scale)
@@ -478,13 +481,16 @@ def _fused_logits(h: Tensor, w: Tensor, b: Tensor | None, tf: HeadTransform, tar
     if tf.softcap:
         t = torch.tanh(z / tf.softcap)
         z = t * tf.softcap
-    lse = torch.logsumexp(z, dim=-1)
-    return z, t, lse, z.gather(-1, targets[:, None]).squeeze(-1) - lse
+    picked = z.gather(-1, targets[:, None]).squeeze(-1)
+    top = z.amax(dim=-1)
+    e = z.sub_(top[:, None]).exp_()
+    s = e.sum(dim=-1)
+    return e, t, s, picked - top - s.log()
 
 
-def _fused_dlogits(z: Tensor, t: Tensor | None, lse: Tensor, targets: Tensor, g: Tensor, tf: HeadTransform) -> Tensor:
-    """d loss / d head output of one chunk, in place of `z`: g * (onehot(target) - softmax) through the transforms."""
-    d = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+def _fused_dlogits(e: Tensor, t: Tensor | None, s: Tensor, targets: Tensor, g: Tensor, tf: HeadTransform) -> Tensor:
+    """d loss / d head output of one chunk, in place of `e`: g * (onehot(target) - softmax) through the transforms."""
+    d = e.mul_((-g / s)[:, None])
     d.scatter_add_(1, targets[:, None], g[:, None])
     if t is not None:
         d.mul_(t.mul_(t).neg_().add_(1.0))
