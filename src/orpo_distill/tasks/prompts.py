@@ -33,8 +33,14 @@ def uses_chat_template(tokenizer, template: str = "auto") -> bool:
 
 
 def render_prompt(tokenizer, message: str, template: str = "auto", system_prompt: str | None = None) -> str:
-    """The full prompt text for `message` (generation prompt included for chat templates)."""
+    """The full prompt text for `message` (generation prompt included for chat templates).
+
+    With the plain template a `system_prompt` is written before the question, separated by a blank line: that is
+    where a base model gets its instructions or worked examples (few-shot), which it needs to answer in the task's
+    format at all (chat templates put it in their system turn instead)."""
     if not uses_chat_template(tokenizer, template):
+        if system_prompt:
+            return system_prompt.rstrip("\n") + "\n\n" + PLAIN_TEMPLATE.format(message=message)
         return PLAIN_TEMPLATE.format(message=message)
     return tokenizer.apply_chat_template(chat_messages(message, system_prompt), tokenize=False,
                                          add_generation_prompt=True)
