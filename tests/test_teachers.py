@@ -77,6 +77,20 @@ def test_teacher_list_parses_with_own_k_and_params_and_round_trips(tmp_path):
     assert config_hash(config_from_dict(data)) == config_hash(cfg)
 
 
+def test_overrides_index_the_teacher_list():
+    from orpo_distill.config import apply_overrides
+
+    data = {"teacher": [{"model": "a"}, {"model": "b"}]}
+    cfg = config_from_dict(apply_overrides(data, ["teacher.1.k=4", "teacher.0.temperature=0.5"]))
+    assert [(t.k, t.temperature) for t in teachers_of(cfg)] == [(None, 0.5), (4, None)]
+    assert data == {"teacher": [{"model": "a"}, {"model": "b"}]}  # pure
+    with pytest.raises(ConfigError, match=r"teacher is a list of 2 entries; index it with 0..1"):
+        apply_overrides(data, ["teacher.k=4"])
+    with pytest.raises(ConfigError, match="index it"):
+        apply_overrides(data, ["teacher.2.k=4"])
+    assert apply_overrides({"teacher": {"model": "a"}}, ["teacher.model=b"]) == {"teacher": {"model": "b"}}
+
+
 def test_bad_teacher_entries_name_file_line_and_key(tmp_path):
     p = tmp_path / "cfg.yaml"
     p.write_text("run:\n  out_dir: x\nteacher:\n  - model: a\n    k: 2\n  - model: b\n    backend: openai\n"

@@ -382,21 +382,36 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of `data` with each dotted override set (pure: `data` is not modified)."""
+    """Return a copy of `data` with each dotted override set (pure: `data` is not modified). A number indexes a
+    list of sections: `teacher.1.k=4` sets the second teacher's k."""
     import copy
 
     out = copy.deepcopy(data)
     for item in overrides:
         parts, value = parse_override(item)
-        node = out
-        for p in parts[:-1]:
+        node: Any = out
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not (p.isdigit() and int(p) < len(node)):
+                    raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is a list of {len(node)} "
+                                      f"entries; index it with 0..{len(node) - 1}")
+                if last:
+                    node[int(p)] = value
+                    break
+                node = node[int(p)]
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+                continue
+            if last:
+                node[p] = value
+                break
             child = node.get(p)
             if child is None:
                 child = node[p] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
             node = child
-        node[parts[-1]] = value
     return out
 
 
