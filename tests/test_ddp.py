@@ -213,8 +213,8 @@ FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what an accelera
 
 def test_fsdp2_two_processes_match_ddp_and_resume_after_kill_9(two_procs, tmp_path):
     """FSDP2 (`fully_shard` over the decoder layers and the ORPOStudent root, gloo): the same losses and
-    accuracies as DDP within float tolerance; checkpoints hold the gathered full state, and a kill -9 of the job
-    resumes to the uninterrupted FSDP2 run."""
+    accuracies as DDP within float tolerance; checkpoints are sharded (a file per rank), and a kill -9 of the job
+    resumes to the uninterrupted FSDP2 run (bit-identical weights here)."""
     import torch
 
     config, two, _ = two_procs
@@ -239,6 +239,12 @@ def test_fsdp2_two_processes_match_ddp_and_resume_after_kill_9(two_procs, tmp_pa
     # kill -9 of the FSDP2 job in epoch 2 of sft_single, then of orpo_mixed; the same command finishes
     k1 = _launch(config, killed, 2, 1, kill_at=spe["sft_single"] + 1, extra_env=FSDP2)
     assert k1.returncode != 0 and not (killed / "results.json").exists(), k1.stderr[-3000:]
+    # the checkpoint is sharded: each rank wrote its own shards (torch.distributed.checkpoint), no full copy
+    from orpo_distill.checkpoint import list_checkpoints
+
+    ckpt = list_checkpoints(killed / "variants" / "sft_single" / "seed0" / "checkpoints")[-1]
+    assert json.loads((ckpt / "state.json").read_text())["checkpoint_format"] == "dcp"
+    assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2 and not (ckpt / "trainable.safetensors").exists()
     k2 = _launch(config, killed, 2, 1, kill_at=spe["orpo_mixed"] + 2, extra_env=FSDP2)
     assert k2.returncode != 0 and not (killed / "results.json").exists(), k2.stderr[-3000:]
     k3 = _launch(config, killed, 2, 1, extra_env=FSDP2)
@@ -248,3 +254,35 @@ def test_fsdp2_two_processes_match_ddp_and_resume_after_kill_9(two_procs, tmp_pa
                [(x["kind"], x["global_step"], x.get("loss")) for x in _rows(killed, v)]
         wa, wb = _weights(full, v), _weights(killed, v)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), v
+
+
+def test_accelerate_launch_with_the_fsdp2_config_shards_on_cpu(two_procs, tmp_path):
+    """`accelerate launch --config_file examples/accelerate/fsdp2.yaml` on a CPU machine: accelerate itself would
+    run the ranks as plain MULTI_CPU (its FSDP plugin is GPU-only), but the launch sets FSDP_VERSION=2 and the
+    trainer shards with `fully_shard` itself: two ranks, engine fsdp2, DDP's losses within float tolerance."""
+    import shutil
+
+    config, two, _ = two_procs
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed next to this python")
+    out = tmp_path / "fsdp2_yaml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update({"OMP_NUM_THREADS": "1"})
+    env.pop("ORPO_DISTILL_TEST_KILL_AT_STEP", None)
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([accelerate, "launch", "--config_file", str(repo / "examples" / "accelerate" / "fsdp2.yaml"),
+                        "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "orpo_distill", "run",
+                        str(config), "--no-progress", f"run.out_dir={out}", "trainer.grad_accum=1"], env=env,
+                       capture_output=True, text=True, timeout=900, cwd=repo)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for v in VARIANTS:
+        res = _result(out, v)
+        assert res["processes"] == 2 and res["engine"] == "fsdp2"
+        ddp = [x for x in _rows(two, v) if x["kind"] == "train"]
+        fsdp = [x for x in _rows(out, v) if x["kind"] == "train"]
+        upto = len(ddp) if v == "sft_single" else res["per_epoch"][0]["steps"]
+        assert len(fsdp) == len(ddp)
+        for a, b in list(zip(ddp, fsdp))[:upto]:
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert r.stdout.count("wrote ") == 1
