@@ -161,7 +161,7 @@ class TeacherConfig(ModelConfig):
         return self.name or self.model
 
 
-class TeacherList(list):  # noqa: FURB189 - a list that also answers the two labels text about "the teacher" uses
+class TeacherList(list):
     """Several teachers (config order). `model` and `backend` are display labels joined with " + " (a model card or
     a results header naming "the teacher"); code that samples or selects traces walks the entries
     (`teachers_of`)."""
