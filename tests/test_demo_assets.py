@@ -19,6 +19,8 @@ from orpo_distill.tasks.synthetic import SyntheticTask
 ASSETS = assets_dir()
 ROLES = ("teacher", "student")
 CONFIG = Path(__file__).resolve().parents[1] / "src" / "orpo_distill" / "configs" / "demo.yaml"
+# The demo's task: chains of 3-4 steps with numbers up to 20 (the student was pretrained on 1-2 steps only).
+DEMO_TASK = {"min_steps": 3, "max_steps": 4, "max_number": 20}
 
 
 def _sha(p: Path) -> str:
@@ -61,11 +63,14 @@ def test_hashes_match_build_json(build_info):
 def test_different_architectures_and_tokenizers(loaded, build_info):
     (teacher, ttok), (student, stok) = loaded["teacher"], loaded["student"]
     assert teacher.config.model_type == "gpt2" and student.config.model_type == "llama"
-    assert type(ttok.backend_tokenizer.model).__name__ == "BPE"
-    assert type(stok.backend_tokenizer.model).__name__ == "Unigram"
+    assert type(ttok.backend_tokenizer.model).__name__ == "BPE"  # byte-level (GPT-2 style)
+    assert type(stok.backend_tokenizer.model).__name__ == "BPE"  # Metaspace words, one token per digit
     assert ttok.get_vocab() != stok.get_vocab()
     text = "Ann has 12 pens. 12 + 7 = 19."
-    assert ttok.convert_ids_to_tokens(ttok(text)["input_ids"]) != stok.convert_ids_to_tokens(stok(text)["input_ids"])
+    s_tokens = stok.convert_ids_to_tokens(stok(text)["input_ids"])
+    assert ttok.convert_ids_to_tokens(ttok(text)["input_ids"]) != s_tokens
+    assert s_tokens[0] == stok.bos_token and "1" in s_tokens and "9" in s_tokens  # digits split
+    assert not any(any(ch.isdigit() for ch in t) and len(t.strip("\u2581")) > 1 for t in stok.get_vocab())
     for r, (m, _) in loaded.items():
         assert sum(p.numel() for p in m.parameters()) == build_info["models"][r]["params"]
 
@@ -73,7 +78,7 @@ def test_different_architectures_and_tokenizers(loaded, build_info):
 def test_tokenization_round_trips_and_splits_cleanly(loaded):
     """Traces cross as text: decode(encode(completion)) is the completion, and prompt+completion tokenize as
     the prompt's ids followed by the completion's (how the samplers and the pair tokenizer see them)."""
-    task = SyntheticTask()
+    task = SyntheticTask(DEMO_TASK)
     for _, tok in loaded.values():
         for q in task.load_questions("validation", limit=30):
             prompt = render_prompt(tok, task.user_message(q), "plain")
@@ -107,7 +112,7 @@ def _greedy_correct(model, tok, task, questions, max_new_tokens: int = 80) -> in
 
 def test_teacher_is_measurably_better_than_student(loaded):
     torch.set_num_threads(1)
-    task = SyntheticTask()
+    task = SyntheticTask(DEMO_TASK)
     qs = task.load_questions("validation", limit=48)
     t = _greedy_correct(*loaded["teacher"], task, qs)
     s = _greedy_correct(*loaded["student"], task, qs)
@@ -126,6 +131,14 @@ def test_demo_config_is_valid_and_points_at_the_assets(tmp_path):
     cfg = load_config(p)
     assert cfg.task.name == "synthetic" and cfg.teacher.template == "plain" and cfg.student.template == "plain"
     assert cfg.run.seeds >= 2 and cfg.task.synthetic["n_test"] >= 200 and cfg.eval.split == "test"
+    assert {k: cfg.task.synthetic[k] for k in DEMO_TASK} == DEMO_TASK
+    # the build measured the models on the same task, and the student never saw chains that long
+    from orpo_distill.demo.build import BuildSpec
+
+    spec = BuildSpec()
+    assert spec.eval_task_options == DEMO_TASK
+    assert spec.student.task_overrides["max_steps"] < DEMO_TASK["min_steps"]
+    assert not spec.teacher.task_overrides  # the teacher: 2-4 steps, numbers up to 40
     # The quick variant is only overrides of the same schema.
     assert load_config(p, [f"{k}={json.dumps(v)}" for k, v in quick.items()]).run.out_dir
     # The models come from the package (orpo_distill.demo.assets_dir()), wherever it is installed.
@@ -174,3 +187,24 @@ def test_estimate_multiplies_out_the_work():
     # on-policy: 2 pairs/question (capped), 2 refreshes of 4 samples per question
     assert est["orpo_on"] == round(2 * (3 * 100 * 2 * 0.02 + 3 * 0.5 + 2 * 100 * 4 * 0.002), 1)
     assert est["total"] == round(sum(v for k, v in est.items() if k != "total"), 1)
+
+
+def test_build_keeps_a_role_only_when_built_with_the_same_spec(tmp_path):
+    """`--roles student` keeps the teacher only when BUILD.json records it built with this very spec, and its
+    files still have the recorded hashes; the student then comes out as in a full build."""
+    from orpo_distill.demo.build import BuildSpec, build
+
+    spec = BuildSpec(seed=3, tokenizer_texts=300)
+    spec = replace(spec, teacher=replace(spec.teacher, steps=2, n_questions=200),
+                   student=replace(spec.student, steps=2, n_questions=200))
+    full = build(tmp_path / "a", spec, measure_models=False, log_every=0)
+    part = build(tmp_path / "a", spec, measure_models=False, log_every=0, roles=("student",))
+    assert part["models"]["teacher"]["kept_from_previous_build"] is True
+    assert part["models"]["student"]["files"] == full["models"]["student"]["files"]
+    assert part["models"]["teacher"]["files"] == full["models"]["teacher"]["files"]
+    other = replace(spec, teacher=replace(spec.teacher, steps=3))
+    with pytest.raises(ValueError, match="not built with this spec"):
+        build(tmp_path / "a", other, measure_models=False, log_every=0, roles=("student",))
+    (tmp_path / "a" / "teacher" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="files differ"):
+        build(tmp_path / "a", spec, measure_models=False, log_every=0, roles=("student",))

@@ -55,6 +55,10 @@ class ModelSpec:
     kv_heads: int = 0  # llama only; 0 = heads
     intermediate: int = 0  # llama only; 0 = 4 * hidden
     max_positions: int = 256
+    tokenizer: str = "byte_bpe"  # "byte_bpe" (GPT-2 style) | "unigram" | "digit_bpe" (Metaspace BPE, one token a digit)
+    # Overrides of BuildSpec.task_options for this model's pretraining problems (and, for a model whose tokenizer
+    # differs from the teacher's, its tokenizer texts): e.g. a student that only ever sees chains of 1-2 steps.
+    task_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,11 @@ class BuildSpec:
     teacher: ModelSpec = field(default_factory=lambda: ModelSpec(
         arch="gpt2", vocab_size=512, hidden=128, layers=4, heads=4, steps=2000, batch_size=32, lr=3e-3,
         n_questions=64000))
+    # The student has only ever seen chains of 1-2 steps with numbers up to 20; the demo asks for 3-4 steps.
     student: ModelSpec = field(default_factory=lambda: ModelSpec(
-        arch="llama", vocab_size=1000, hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256, steps=500,
-        batch_size=32, lr=3e-3, n_questions=4000))
+        arch="llama", vocab_size=337, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, steps=2000,
+        batch_size=32, lr=3e-3, n_questions=3000, tokenizer="digit_bpe",
+        task_overrides={"min_steps": 1, "max_steps": 2, "max_number": 20}))
     tokenizer_texts: int = 4000  # question+rationale texts each tokenizer is trained on
     eval_questions: int = 200  # validation questions for greedy accuracy
     sample_questions: int = 100  # validation questions for K samples at T
@@ -75,6 +81,9 @@ class BuildSpec:
     max_new_tokens: int = 96
     eval_batch: int = 100
     task_options: dict[str, Any] = field(default_factory=lambda: {"seed": 0, "n_pretrain": 64000})
+    # The demo task the measurements are taken on (validation split): longer chains than the student has seen.
+    eval_task_options: dict[str, Any] = field(default_factory=lambda: {"min_steps": 3, "max_steps": 4,
+                                                                        "max_number": 20})
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizers
@@ -128,6 +137,33 @@ def train_unigram_tokenizer(texts: list[str], vocab_size: int):
                                    unk_token="<unk>", model_max_length=256)
 
 
+def train_digit_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """Llama style with digits split: BPE over Metaspace words, every digit its own token, <s> prepended.
+
+    One token per digit lets a tiny model do column arithmetic on numbers it has never seen as a whole (a BPE
+    that merges "37" into one piece has to memorise every sum). Newlines are split off before Metaspace, as in
+    the unigram tokenizer, so a plain prompt ending in "\\n" tokenizes the same alone and in front of its
+    completion.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.normalizer = normalizers.NFKC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always"),
+        pre_tokenizers.Digits(individual_digits=True)])
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                      special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=256)
+
+
 def _canonical_unigram_vocab(vocab: list[list[Any]], n_special: int) -> list[tuple[str, float]]:
     """The trained unigram vocabulary in an order and with scores that do not depend on hash-map order.
 
@@ -151,6 +187,11 @@ def _canonical_unigram_vocab(vocab: list[list[Any]], n_special: int) -> list[tup
 
     head = [(str(p), round(float(sc), 8)) for p, sc in vocab[:n_special]]
     return head + order(body[:lo]) + run + order(body[hi:])
+
+
+# ModelSpec.tokenizer -> the function that trains it on texts to a vocabulary size.
+TOKENIZERS: dict[str, Callable[[list[str], int], Any]] = {
+    "byte_bpe": train_bpe_tokenizer, "unigram": train_unigram_tokenizer, "digit_bpe": train_digit_bpe_tokenizer}
 
 
 # -------------------------------------------------------------------------------------------------------- models
@@ -328,55 +369,101 @@ def set_determinism(threads: int) -> None:
 
 
 def build(out: Path, spec: BuildSpec, *, measure_models: bool = True, command: str = "",
-          log_every: int = 100) -> dict[str, Any]:
-    """Train both models, save them under `out/teacher` and `out/student`, write `out/BUILD.json`.
+          log_every: int = 100, roles: tuple[str, ...] = ("teacher", "student"),
+          callback: Callable[[str, Any, Any, int], None] | None = None) -> dict[str, Any]:
+    """Train the models named in `roles`, save them under `out/<role>`, write `out/BUILD.json`.
 
-    Torch's global determinism and thread settings are restored afterwards (tests call this in-process).
+    A role not in `roles` is kept as it is in `out`, but only when `out/BUILD.json` records it built with exactly
+    the spec this build would use (same sizes, steps, data, seed, threads), so BUILD.json still describes what
+    the full command produces; its recorded hashes are checked against the files. Torch's global determinism and
+    thread settings are restored afterwards (tests call this in-process). `callback(role, model, tokenizer,
+    step)` runs after each training step (a validation probe while choosing sizes; it must not touch the RNGs).
     """
     saved = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
     set_determinism(spec.threads)
     try:
-        return _build(out, spec, measure_models=measure_models, command=command, log_every=log_every)
+        return _build(out, spec, measure_models=measure_models, command=command, log_every=log_every,
+                      roles=roles, callback=callback)
     finally:
         torch.use_deterministic_algorithms(saved[0])
         torch.set_num_threads(saved[1])
 
 
-def _build(out: Path, spec: BuildSpec, *, measure_models: bool, command: str, log_every: int) -> dict[str, Any]:
-    t_start = time.time()
-    cpu0 = time.process_time()
-    task = SyntheticTask(spec.task_options)
-    n_pool = max(spec.teacher.n_questions, spec.student.n_questions, spec.tokenizer_texts)
+def _pretrain_data(spec: BuildSpec, mspec: ModelSpec) -> tuple[SyntheticTask, list[Question], list[str]]:
+    """A model's pretraining problems and its tokenizer's texts, under its own task options."""
+    task = SyntheticTask({**spec.task_options, **mspec.task_overrides})
+    n_pool = max(spec.teacher.n_questions, spec.student.n_questions, spec.tokenizer_texts) \
+        if not mspec.task_overrides else max(mspec.n_questions, spec.tokenizer_texts)
     pool = task.load_questions("pretrain", limit=n_pool)
     if len(pool) < n_pool:
         raise ValueError(f"only {len(pool)} pretrain questions; raise task_options n_pretrain to {n_pool}")
-    val = task.load_questions("validation", limit=max(spec.eval_questions, spec.sample_questions))
-    texts = _train_texts(task, pool, spec.tokenizer_texts, spec.seed)
+    return task, pool, _train_texts(task, pool, spec.tokenizer_texts, spec.seed)
+
+
+def _kept_role(out: Path, role: str, mspec: ModelSpec, spec: BuildSpec) -> dict[str, Any]:
+    """The recorded build info of a role this build keeps (refused unless it was built with the same spec)."""
+    path = out / "BUILD.json"
+    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    recorded = dict(old.get("spec", {}).get(role) or {})
+    recorded.setdefault("tokenizer", "byte_bpe")  # fields added since: their defaults are what that build did
+    recorded.setdefault("task_overrides", {})
+    same = (recorded == json.loads(json.dumps(asdict(mspec)))
+            and old.get("seed") == spec.seed and old.get("threads") == spec.threads
+            and old.get("spec", {}).get("tokenizer_texts") == spec.tokenizer_texts
+            and old.get("spec", {}).get("task_options") == spec.task_options)
+    if not same:
+        raise ValueError(f"{path}: the {role} there was not built with this spec; rebuild it (--roles {role})")
+    info = dict(old["models"][role])
+    on_disk = {f.name: sha256_file(f) for f in sorted((out / role).iterdir()) if f.is_file()}
+    if on_disk != info["files"]:
+        raise ValueError(f"{out / role}: files differ from the hashes in {path}; rebuild it (--roles {role})")
+    info.pop("validation", None)
+    info["kept_from_previous_build"] = True
+    return info
+
+
+def _build(out: Path, spec: BuildSpec, *, measure_models: bool, command: str, log_every: int,
+           roles: tuple[str, ...], callback: Callable[[str, Any, Any, int], None] | None) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_start = time.time()
+    cpu0 = time.process_time()
+    eval_task = SyntheticTask({**spec.task_options, **spec.eval_task_options})
+    val = eval_task.load_questions("validation", limit=max(spec.eval_questions, spec.sample_questions))
 
     report: dict[str, Any] = {"seed": spec.seed, "command": command, "threads": spec.threads,
                               "spec": asdict(spec), "models": {}}
     out.mkdir(parents=True, exist_ok=True)
-    for role, mspec, train_tok, seed_offset in (
-            ("teacher", spec.teacher, train_bpe_tokenizer, 1), ("student", spec.student, train_unigram_tokenizer, 2)):
-        t0 = time.time()
-        tok = train_tok(texts, mspec.vocab_size)
-        model = make_model(mspec, tok, spec.seed * 1000 + seed_offset)
-        losses = train_model(model, tok, mspec, task, pool, spec.seed * 1000 + seed_offset,
-                             log_every=log_every, name=role)
-        train_s = time.time() - t0
+    for role, mspec, seed_offset in (("teacher", spec.teacher, 1), ("student", spec.student, 2)):
         d = out / role
+        if role not in roles:
+            info = _kept_role(out, role, mspec, spec)
+            if measure_models:
+                model = AutoModelForCausalLM.from_pretrained(d).eval()
+                info["validation"] = measure(model, AutoTokenizer.from_pretrained(d), eval_task, val, spec)
+            report["models"][role] = info
+            continue
+        t0 = time.time()
+        task, pool, texts = _pretrain_data(spec, mspec)
+        tok = TOKENIZERS[mspec.tokenizer](texts, mspec.vocab_size)
+        model = make_model(mspec, tok, spec.seed * 1000 + seed_offset)
+        probe = None if callback is None else (lambda step, m=model, t=tok, r=role: callback(r, m, t, step))
+        losses = train_model(model, tok, mspec, task, pool, spec.seed * 1000 + seed_offset,
+                             log_every=log_every, name=role, callback=probe)
+        train_s = time.time() - t0
         d.mkdir(parents=True, exist_ok=True)
         for stale in d.iterdir():
             stale.unlink()
         model.save_pretrained(d, safe_serialization=True)
         tok.save_pretrained(d)
         info: dict[str, Any] = {
-            "arch": mspec.arch, "params": n_params(model), "steps": mspec.steps,
+            "arch": mspec.arch, "params": n_params(model), "steps": mspec.steps, "vocab": len(tok),
+            "pretrain_steps_per_problem": f"{task.options['min_steps']}-{task.options['max_steps']}",
             "train_seconds": round(train_s, 1), "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
             "files": {f.name: sha256_file(f) for f in sorted(d.iterdir()) if f.is_file()},
         }
         if measure_models:
-            info["validation"] = measure(model, tok, task, val, spec)
+            info["validation"] = measure(model, tok, eval_task, val, spec)
         report["models"][role] = info
     report["build_seconds"] = round(time.time() - t_start, 1)
     report["process_cpu_seconds"] = round(time.process_time() - cpu0, 1)
@@ -406,6 +493,22 @@ def _spec_from_args(args: argparse.Namespace) -> BuildSpec:
     return spec
 
 
+def _validation_probe(spec: BuildSpec, every: int) -> Callable[[str, Any, Any, int], None]:
+    """Greedy accuracy on 100 validation questions of the demo task every `every` steps (to stderr)."""
+    task = SyntheticTask({**spec.task_options, **spec.eval_task_options})
+    qs = task.load_questions("validation", limit=100)
+
+    def probe(role: str, model, tok, step: int) -> None:
+        if step % every:
+            return
+        outs = generate(model, tok, task, qs, max_new_tokens=spec.max_new_tokens, batch_size=spec.eval_batch)
+        acc = sum(task.grade(q, o[0]).verdict == "correct" for q, o in zip(qs, outs)) / len(qs)
+        print(f"[{role}] step {step}: validation greedy accuracy {acc:.2f} | {outs[0][0]}", file=sys.stderr,
+              flush=True)
+
+    return probe
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m orpo_distill.demo.build", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="folder for teacher/, student/ and BUILD.json")
@@ -415,9 +518,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student-steps", type=int, default=None, help="override (tests: a few steps)")
     ap.add_argument("--eval-questions", type=int, default=None, help="validation questions measured")
     ap.add_argument("--no-measure", action="store_true", help="skip the validation measurements")
+    ap.add_argument("--roles", default="teacher,student",
+                    help="models to train (comma-separated); the others are kept from --out when its BUILD.json "
+                         "records them built with the same spec")
+    ap.add_argument("--probe-every", type=int, default=0,
+                    help="while choosing sizes: greedy validation accuracy on 100 questions every N steps")
     args = ap.parse_args(argv)
     cmd = "python -m orpo_distill.demo.build " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = build(args.out, _spec_from_args(args), measure_models=not args.no_measure, command=cmd)
+    spec = _spec_from_args(args)
+    probe = _validation_probe(spec, args.probe_every) if args.probe_every else None
+    report = build(args.out, spec, measure_models=not args.no_measure, command=cmd,
+                   roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()), callback=probe)
     print(json.dumps({r: {k: v for k, v in m.items() if k != "files"} for r, m in report["models"].items()},
                      indent=1))
     print(f"build {report['build_seconds']} s, {report['total_bytes']} bytes -> {args.out}")
