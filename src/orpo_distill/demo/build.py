@@ -1,13 +1,17 @@
 """Build the offline demo's two tiny models from scratch, deterministically from a seed, on a CPU.
 
-The teacher is GPT-2-style with a byte-level BPE tokenizer; the student is Llama-style with a unigram
-(SentencePiece-style, Metaspace) tokenizer, so the demo distils across architectures and vocabularies. Both
-tokenizers are trained with the `tokenizers` library and both models are trained with plain PyTorch on gold
-rationales of the synthetic task's "pretrain" split (disjoint by construction from train/validation/test): the
-teacher long enough to be competent, the student smaller and shorter so that it is weak but not useless. The
-script then measures both on the validation split (greedy accuracy; share of correct traces among K samples at
-T=0.8), saves each as a Hugging Face folder (safetensors) and writes BUILD.json with the seed, command, step
-counts, measurements and the sha256 of every file. Same seed, same thread count, same software: same bytes.
+The teacher is GPT-2-style with a byte-level BPE tokenizer; the student is Llama-style with a Metaspace BPE that
+splits every digit into its own token (so a tiny model can learn column arithmetic), so the demo distils across
+architectures and vocabularies. Both tokenizers are trained with the `tokenizers` library and both models with
+plain PyTorch on gold rationales of the synthetic task's "pretrain" split (disjoint by construction from
+train/validation/test), each under its own task options: the teacher on chains of 2-4 steps with numbers up to 40,
+long enough to be competent; the student only on chains of 1-2 steps with numbers up to 20. The demo asks for 3-4
+steps up to 20, so the student can do each step but has never carried a chain that far: a skill the teacher's
+traces can transfer. The script then measures both on the demo task's validation split (greedy accuracy; share of
+correct traces among K samples at T=0.8), saves each as a Hugging Face folder (safetensors) and writes BUILD.json
+with the seed, command, step counts, measurements and the sha256 of every file. Same seed, same thread count, same
+software: same bytes. `--roles student` retrains only the student and keeps the teacher when BUILD.json records
+it built with the same spec (how the shipped student was rebuilt; the full command rebuilds both).
 
     python -m orpo_distill.demo.build --out src/orpo_distill/demo/assets --seed 0
 """
