@@ -321,6 +321,12 @@ def test_two_teachers_local_and_api_with_a_dead_replica(tmp_path, tiny_gpt2_dir,
     assert [t["traces"] for t in st["teachers"]] == [20, 30, 20]
     table = format_stats(st)
     assert "local-gpt2" in table and "fake-teacher-b" in table
+    # a store alone (no config): one row per teacher identity it holds
+    by_id = {t["model_id"]: t for t in traces_stats(str(out / "traces.sqlite"))["teachers"]}
+    assert {k: v["traces"] for k, v in by_id.items()} == {str(tiny_gpt2_dir): 20, "fake-teacher": 30,
+                                                          "fake-teacher-b": 20}
+    assert by_id["fake-teacher"]["cost_usd"] == pytest.approx(api_a["cost_usd"])
+    assert "fake-teacher-b" in format_stats(traces_stats(str(out / "traces.sqlite")))
     for p in out.rglob("*"):
         if p.is_file():
             assert b"sk-test-secret-456" not in p.read_bytes(), p
