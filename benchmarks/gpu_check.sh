@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The multi-process training path on a GPU machine (one GPU or several), offline: for each mode (ddp, fsdp2, and
-# zero3 where DeepSpeed imports) a few ORPO optimiser steps of a random-weight Llama built locally (~0.2 B
+# zero2 and zero3 where DeepSpeed imports) a few ORPO optimiser steps of a random-weight Llama built locally (~0.2 B
 # parameters by default; no hub, no internet) under torchrun with NCCL, through benchmarks/dist_step.py.
 # Prints ONE JSON object: the machine, then per mode the step time, tokens/s, peak memory
 # (torch.cuda.max_memory_allocated, max over ranks) and the step losses (which should agree across modes).
@@ -24,7 +24,7 @@ BATCH=${BATCH:-16}
 GRAD_ACCUM=${GRAD_ACCUM:-2}
 LEN=${LEN:-256}
 TIMEOUT=${TIMEOUT:-240}
-MODES=${MODES:-ddp fsdp2 zero3}
+MODES=${MODES:-ddp fsdp2 zero2 zero3}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
