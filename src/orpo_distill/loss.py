@@ -21,6 +21,17 @@ the first time a model is scored it is checked once against the model's own forw
 model whose logits it does not reproduce is scored through the full-logits forward instead, with a warning
 about memory. `sequence_logps_naive` is that full-logits path, also the reference for tests and benchmarks.
 
+Speed: a training forward does not recompute the head in backward. The loss is a sum of independent terms over
+pairs (or SFT sequences), so `fused_sequence_loss` takes whole pairs, `chunk_size` rows at a time, computes their
+logits once, their log-prob sums and loss term, and from the same logits the gradients with respect to the
+hidden states and the head's weight (d term / d token log-prob is d term / d its sequence's sum: a tiny autograd
+call on the sums); backward only scales the stored gradients (`_FusedHeadLoss`, the idea of Liger's fused linear
+preference losses). It needs a plain linear head (an adapter or hook on the head, ZeRO-3's uniform head calls and
+no-grad scoring use the chunked path). `packing` (`trainer.packing`) runs the backbone padding-free: the real
+tokens of a padded batch packed into rows as long as its longest sequence, positions restarting per sequence,
+so the model's masking builds a block-diagonal causal mask (flash-attention: varlen); checked once per model
+against the padded path (`verify_packing`).
+
 Gradient accumulation: with `StepTotals` (from `step_totals` over all micro-batches of an optimiser step) the
 losses return each micro-batch's share of the step's loss, so the summed backward passes of a step equal one
 backward over the step as a single batch, whatever the micro-batch sizes (a short last micro-batch weighs what
