@@ -572,7 +572,10 @@ class _FusedHeadLoss(torch.autograd.Function):
                 if need_rows:
                     grad_rows[p] = (dc @ w).to(grad_rows.dtype)
                 if need_weight:
-                    grad_w += (dc.t() @ hd[p].to(cd)).float()
+                    if cd == torch.float32:
+                        grad_w.addmm_(dc.t(), hd[p].float())
+                    else:
+                        grad_w += (dc.t() @ hd[p].to(cd)).float()
                     if grad_b is not None:
                         grad_b += d.sum(0)
         ctx.grads = (grad_rows, grad_w, grad_b)
@@ -585,9 +588,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_rows, grad_w, grad_b = ctx.grads
         ctx.grads = None
         scale = grad_loss.float()
-        out_rows = grad_rows * scale.to(grad_rows.dtype) if grad_rows is not None else None
-        out_w = (grad_w * scale).to(ctx.dtypes[0]) if grad_w is not None else None
-        out_b = (grad_b * scale).to(ctx.dtypes[1]) if grad_b is not None else None
+        # in place: the stored buffers are not needed again, and a head-sized copy is a lot of memory
+        out_rows = grad_rows.mul_(scale.to(grad_rows.dtype)) if grad_rows is not None else None
+        out_w = grad_w.mul_(scale).to(ctx.dtypes[0]) if grad_w is not None else None
+        out_b = grad_b.mul_(scale).to(ctx.dtypes[1]) if grad_b is not None else None
         return out_rows, out_w, out_b, None, None, None, None, None, None, None, None, None, None
 
 
