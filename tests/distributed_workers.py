@@ -284,8 +284,9 @@ def mode_deepspeed(info) -> dict:
 
 
 def _accelerate_zero3(info) -> list[float]:
-    """ZeRO-3 through accelerate as the trainer drives it: the launch config's plugin completed by
-    `apply_trainer_settings`, `accumulate` marking DeepSpeed's boundary, `backward(loss, scale_wrt_gas=False)`."""
+    """ZeRO-3 through accelerate's own loop: the launch config's plugin completed by `apply_trainer_settings`,
+    `accumulate` marking DeepSpeed's boundary, `backward(loss, scale_wrt_gas=False)` (the recipe instead marks the
+    boundary and steps the engine itself; tests/test_ddp_deepspeed.py runs it)."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 

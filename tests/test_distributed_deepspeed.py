@@ -2,7 +2,7 @@
 
 Raw engines (torch AdamW, no compiled op): the first step's full gradient equals the one-process gradient of the
 global batch (so the world-size factor and `engine.backward(loss, scale_wrt_gas=False)` are right) and 4 steps'
-losses match DDP's. ZeRO-3 through accelerate as the trainer will drive it (the launch config's plugin completed
+losses match DDP's. ZeRO-3 through accelerate's own loop (the launch config's plugin completed
 by `distributed.apply_trainer_settings`, `accumulate`, `backward(loss, scale_wrt_gas=False)`) with SGD, whose
 update is proportional to the gradient, matches DDP with SGD. ZeRO-3 runs with `uniform_chunks=True`: it gathers
 the head's weight on every chunk call, and ranks with different numbers of chunks otherwise abort in a mismatched
