@@ -249,9 +249,10 @@ def train_jobs(cfg: Config, jobs: Sequence[tuple[str, int]], *, workers: int = 1
                     for f in ready:
                         finished(futures[f], *f.result())
                     line.tick()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
+            except BaseException:  # Ctrl-C, a failed job: stop the other jobs now rather than wait for them
+                pool.shutdown(wait=False, cancel_futures=True)
+                for child in mp.active_children():
+                    child.terminate()
                 raise
     line.close()
     trained = [r for j in jobs for r in done.get(j, [])]
