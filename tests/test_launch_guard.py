@@ -49,3 +49,17 @@ def test_ddp_fsdp2_and_deepspeed_launches_are_recognised_not_refused(clean_env, 
     assert unsupported_engine() is None
     assert fsdp2_requested() is fsdp2
     assert deepspeed_stage() == stage
+
+
+def test_divergence_message_says_whether_deepspeed_already_took_the_step(tmp_path):
+    """ZeRO-3 in fp32 applies a non-finite gradient (its norm is known only after the engine's step): the error
+    must not claim the step was skipped; everywhere else it was."""
+    from orpo_distill.recipe import _diverged
+
+    cfg = config_from_dict({"teacher": {"model": "t", "backend": "openai", "base_url": "http://127.0.0.1:9/v1"},
+                            "student": {"model": "s"}, "run": {"out_dir": str(tmp_path / "run")}})
+    skipped = str(_diverged(cfg, "orpo_mixed", 0, 3, 1, ("the gradient norm", float("nan")), tmp_path))
+    taken = str(_diverged(cfg, "orpo_mixed", 0, 3, 1, ("the gradient norm", float("nan")), tmp_path, applied=True))
+    assert "The step was not applied" in skipped and "already applied" not in skipped
+    assert "DeepSpeed had already applied the step" in taken and "not applied" not in taken
+    assert "no non-finite weights, checkpoint" in taken

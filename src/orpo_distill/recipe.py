@@ -296,11 +296,15 @@ def _grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
 
 
 def _diverged(cfg: Config, variant: str, seed: int, step: int, epoch: int, bad: tuple[str, Any],
-              out: Path) -> TrainingDiverged:
+              out: Path, applied: bool = False) -> TrainingDiverged:
+    """`applied`: the engine had already taken the step (DeepSpeed ZeRO-3 in fp32 does not skip a non-finite
+    gradient; its norm is known only after its step)."""
     what, value = bad
+    step_note = ("DeepSpeed had already applied the step, so the weights in memory are not finite" if applied
+                 else "The step was not applied")
     return TrainingDiverged(
-        f"{variant} seed {seed} diverged at optimiser step {step} (epoch {epoch}): {what} is {value}. The step was "
-        "not applied; no non-finite weights, checkpoint, model or result.json were written. Lower trainer.lr "
+        f"{variant} seed {seed} diverged at optimiser step {step} (epoch {epoch}): {what} is {value}. {step_note}; "
+        "no non-finite weights, checkpoint, model or result.json were written. Lower trainer.lr "
         f"(now {cfg.trainer.lr:g}) or set trainer.max_grad_norm (now {cfg.trainer.max_grad_norm}), then train "
         f"again into another run.out_dir or after removing {out} (its checkpoints belong to the old settings)")
 
@@ -790,9 +794,9 @@ class DistillRecipe:
                 self.model.step()  # clip on the global norm, AdamW, zero the gradients, step the schedule
                 grad_norm = self.model.get_global_grad_norm()
                 grad_norm = None if grad_norm is None else float(grad_norm)
-                if grad_norm is not None and not math.isfinite(grad_norm):  # DeepSpeed skipped (ZeRO-2) the step
+                if grad_norm is not None and not math.isfinite(grad_norm):  # ZeRO-2 skipped the step, ZeRO-3 not
                     raise _diverged(cfg, self.variant, self.seed, state["global_step"] + 1, epoch,
-                                    ("the gradient norm", grad_norm), self.out)
+                                    ("the gradient norm", grad_norm), self.out, applied=self.zero3)
             else:
                 self.optimizer.step()
                 self.scheduler.step()
