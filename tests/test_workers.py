@@ -85,3 +85,19 @@ def test_demo_defaults_to_one_worker_per_core_and_cli_sets_it(tmp_path, capsys):
     assert demo_config(tmp_path / "d", overrides=["run.workers=1"]).run.workers == 1
     assert main(["demo", "--workers", "0", "--out", str(tmp_path / "d")]) == 2
     assert "--workers" in capsys.readouterr().err
+
+
+def test_progress_line_eta_counts_jobs_in_flight(capsys):
+    """The ETA weighs the jobs left by their estimated cost, scaled by how fast the run goes, counting the jobs
+    in flight as half done (with two workers the first finished job is not all the work done so far)."""
+    from orpo_distill.pipeline import ProgressLine
+
+    jobs = {("a", 0): 10.0, ("b", 0): 10.0, ("c", 0): 20.0}
+    line = ProgressLine(True, "stage", jobs, workers=2)
+    line.t0 -= 10.0  # 10 s in
+    line.job_done(("a", 0), {"final_eval": {"accuracy": 0.25}})
+    line.tick([("b", 0)])
+    # done 10 + half of 10 = 15 units in 10 s; left 30 - 5 = 25 units -> about 16.7 s
+    assert 15.0 < line.eta_s() < 18.0
+    out = capsys.readouterr().out
+    assert "a seed 0: accuracy 25.0%" in out and "1/3 variant x seed done" in out

@@ -246,9 +246,10 @@ def train_jobs(cfg: Config, jobs: Sequence[tuple[str, int]], *, workers: int = 1
                 pending = set(futures)
                 while pending:
                     ready, pending = wait(pending, timeout=line.tick_s, return_when=FIRST_COMPLETED)
+                    line.tick([futures[f] for f in pending if f.running()])
                     for f in ready:
                         finished(futures[f], *f.result())
-                    line.tick()
+                    line.tick([futures[f] for f in pending if f.running()])
             except BaseException:  # Ctrl-C, a failed job: stop the other jobs now rather than wait for them
                 pool.shutdown(wait=False, cancel_futures=True)
                 for child in mp.active_children():
@@ -271,6 +272,7 @@ class ProgressLine:
         self.enabled, self.stage, self.weights, self.workers = enabled, stage, dict(weights), max(1, workers)
         self.t0 = time.perf_counter()
         self.done_w = 0.0
+        self.running_w = 0.0  # estimated cost of the jobs started and not finished
         self.n_done = 0
         self.tty = enabled and sys.stdout.isatty()
         self.tick_s = 1.0 if self.tty else 30.0
@@ -279,8 +281,10 @@ class ProgressLine:
     def eta_s(self) -> float:
         left = sum(self.weights.values()) - self.done_w
         elapsed = time.perf_counter() - self.t0
-        if self.done_w > 0:
-            return left * elapsed / self.done_w
+        # jobs in flight count as half done: with N workers, N jobs are always part-way through
+        done = self.done_w + 0.5 * self.running_w
+        if self.done_w > 0 and done > 0:
+            return max(0.0, (left - 0.5 * self.running_w) * elapsed / done)
         return max(0.0, left / self.workers - elapsed)
 
     def text(self) -> str:
@@ -293,7 +297,8 @@ class ProgressLine:
         elif self.enabled:
             print(self.text(), flush=True)
 
-    def tick(self) -> None:
+    def tick(self, running: Sequence[tuple[str, int]] = ()) -> None:
+        self.running_w = sum(self.weights.get(j, 0.0) for j in running)
         if self.tty:
             self.draw()
 
