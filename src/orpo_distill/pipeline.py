@@ -230,6 +230,7 @@ def train_jobs(cfg: Config, jobs: Sequence[tuple[str, int]], *, workers: int = 1
 
     if workers <= 1:
         for v, s in jobs:
+            line.tick([(v, s)])
             try:
                 finished((v, s), "ok", run_train(cfg, variants=[v], seeds=[s], progress=progress and job_bars))
             except TrainingDiverged as e:
