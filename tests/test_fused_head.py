@@ -234,3 +234,13 @@ def test_no_grad_scoring_does_not_use_the_fused_path(monkeypatch):
     with torch.no_grad():
         ORPOLoss()(model, _batch(500))
     assert not calls
+
+
+def test_fused_head_under_backbone_gradient_checkpointing():
+    plain = _llama(3000)
+    batch = _batch(3000)
+    ref = _run(plain, ORPOLoss(fused=False), batch)
+    plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plain.train()
+    got = _run(plain, ORPOLoss(), batch)
+    _assert_close(ref, got, 2e-5)
