@@ -189,8 +189,8 @@ def test_real_cpu_example_small(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "ORPO_DISTILL_DATA_DIR": str(SHARED_DATA)}
     cmd = [sys.executable, "-m", "orpo_distill", "run", str(REPO / "examples" / "real_cpu.yaml"), "--out", str(out),
-           "--no-progress", "task.train.limit=6", "task.test.limit=6", "sampling.k=2", "sampling.max_new_tokens=48",
-           "trainer.epochs=1", "eval.max_new_tokens=48", "run.workers=1"]
+           "--no-progress", "task.train.limit=6", "task.test.limit=4", "sampling.k=2", "sampling.max_new_tokens=32",
+           "trainer.epochs=1", "eval.max_new_tokens=32", "run.workers=1"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
