@@ -13,7 +13,8 @@
 #   SMOKE=1 bash benchmarks/gpu_bench.sh               # the same flow on the CPU at a tiny shape, fp32 (a check
 #                                                      # of the script, not a measurement)
 # Environment: PYTHON (default: .venv/bin/python if present, else python3; needs torch with CUDA, transformers,
-# and for the TRL rows trl + datasets), SHAPE (1.5b | 0.5b | tiny), CONFIGS (sft ours ours_pack trl trl_nogc),
+# and for the TRL rows trl + datasets), SHAPE (1.5b | 0.5b | tiny), CONFIGS (sft ours ours_gc ours_pack trl
+# trl_nogc; ours_gc: with gradient checkpointing, TRL's default, for the memory comparison),
 # STEPS (timed steps, default 8), WARMUP (default 3), PAIRS, PROMPT, COMPLETION, PEAK_TFLOPS, TIMEOUT (s per
 # configuration), ATTN (attention implementation, default sdpa; flash_attention_2 where installed).
 # ours_pack draws completion lengths between COMPLETION/2 and COMPLETION (real traces vary) and packs them; its
@@ -27,7 +28,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   COMPLETION=${COMPLETION:-16}
 fi
 SHAPE=${SHAPE:-1.5b}
-CONFIGS=${CONFIGS:-sft ours ours_pack trl trl_nogc}
+CONFIGS=${CONFIGS:-sft ours ours_gc ours_pack trl trl_nogc}
 export SHAPE STEPS=${STEPS:-8} WARMUP=${WARMUP:-3} PAIRS=${PAIRS:-8} PROMPT=${PROMPT:-128}
 export COMPLETION=${COMPLETION:-384} PEAK_TFLOPS=${PEAK_TFLOPS:-790} ATTN=${ATTN:-sdpa} SMOKE=${SMOKE:-0}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1
@@ -107,10 +108,12 @@ def row(t, peak, n_params, tokens, extra=None):
     return out
 
 
-def run_ours(packing: bool):
+def run_ours(packing: bool, gc: bool = False):
     from orpo_distill.loss import ORPOLoss, ORPOStudent, SFTLoss
 
     model = new_model()
+    if gc:  # as trainer.gradient_checkpointing does (non-reentrant)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student = ORPOStudent(model, ORPOLoss(lam=1.0), SFTLoss(), packing=packing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda)
     b = batch(var_lengths=packing)
@@ -128,7 +131,8 @@ def run_ours(packing: bool):
     from orpo_distill.loss import chunked_head_ok, fused_path_ok
 
     return row(t, peak, sum(p.numel() for p in model.parameters()), tokens,
-               {"fused_head": bool(chunked_head_ok(model)) and fused_path_ok(model), "packing": packing})
+               {"fused_head": bool(chunked_head_ok(model)) and fused_path_ok(model), "packing": packing,
+                "gradient_checkpointing": gc})
 
 
 def run_sft():
@@ -194,6 +198,7 @@ def run_trl(gc: bool):
 
 
 runs = {"sft": run_sft, "ours": lambda: run_ours(False), "ours_pack": lambda: run_ours(True),
+        "ours_gc": lambda: run_ours(False, gc=True),
         "trl": lambda: run_trl(True), "trl_nogc": lambda: run_trl(False)}
 try:
     out = runs[cfg_name]()
