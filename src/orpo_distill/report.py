@@ -712,9 +712,14 @@ def plot_negative_pool(results: Mapping[str, Any], path: str | os.PathLike[str])
     # sources' shares are scaled to the questions that did get one; an old results file without the share of
     # questions only says how many.
     with_share = all(_finite(ep["pool"].get("none_share")) is not None for eps in series.values() for ep in eps)
-    fig = Figure(figsize=(max(4.0, 3.6 * len(series)), 4.0))
-    axes = fig.subplots(1, len(series), squeeze=False, sharey=True)[0]
-    for ax, (v, eps) in zip(axes, series.items(), strict=True):
+    cols = min(4, len(series))  # rows of at most four panels: seven ORPO rows stay readable
+    rows = -(-len(series) // cols)
+    fig = Figure(figsize=(max(4.0, 3.6 * cols), 0.6 + 3.4 * rows))
+    grid = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(series):]:
+        ax.set_visible(False)
+    for ax, (v, eps) in zip(axes, series.items()):
         xs = [ep["epoch"] for ep in eps]
         bottom = [0.0] * len(eps)
         got = [1.0 - float(ep["pool"]["none_share"]) if with_share else 1.0 for ep in eps]
@@ -740,11 +745,12 @@ def plot_negative_pool(results: Mapping[str, Any], path: str | os.PathLike[str])
         ax.set_xlabel("epoch")
         ax.set_xticks(xs)
         ax.set_ylim(0, 112)
-    axes[0].set_ylabel("share of questions (%)" if with_share else "share of questions' negatives (%)")
+    for row in grid:
+        row[0].set_ylabel("share of questions (%)" if with_share else "share of questions' negatives (%)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"{_title(results)}\nwhere each epoch's rejected traces came from", fontsize=10)
-    fig.subplots_adjust(bottom=0.25, top=0.8)
+    fig.subplots_adjust(bottom=0.25 / rows, top=1 - 0.2 / rows, hspace=0.45)
     return _save(fig, Path(path))
 
 
