@@ -101,3 +101,8 @@ def test_progress_line_eta_counts_jobs_in_flight(capsys):
     assert 15.0 < line.eta_s() < 18.0
     out = capsys.readouterr().out
     assert "a seed 0: accuracy 25.0%" in out and "1/3 variant x seed done" in out
+    two = ProgressLine(True, "stage", {("v", 0): 1.0, ("v", 1): 1.0}, workers=2)
+    two.job_done(("v", 0), {"final_eval": {"accuracy": 0.2}})
+    assert "over 2 seeds" not in capsys.readouterr().out
+    two.job_done(("v", 1), {"final_eval": {"accuracy": 0.4}})
+    assert "= v: 30.0 ± 14.1% over 2 seeds" in capsys.readouterr().out  # the row, once both seeds are in

@@ -274,6 +274,7 @@ class ProgressLine:
         self.t0 = time.perf_counter()
         self.done_w = 0.0
         self.running_w = 0.0  # estimated cost of the jobs started and not finished
+        self.finished: dict[str, list[Any]] = {}  # variant -> final accuracies of its finished seeds
         self.n_done = 0
         self.tty = enabled and sys.stdout.isatty()
         self.tick_s = 1.0 if self.tty else 30.0
@@ -313,6 +314,17 @@ class ProgressLine:
         if self.tty:
             print("\r\033[K", end="")
         print(f"  {job[0]} seed {job[1]}: {acc}", flush=True)
+        self.finished.setdefault(job[0], []).append(fin.get("accuracy"))
+        seeds = sum(1 for v, _ in self.weights if v == job[0])
+        accs = [a for a in self.finished[job[0]] if isinstance(a, (int, float))]
+        if seeds > 1 and len(self.finished[job[0]]) == seeds and accs:  # the variant's row is complete
+            import statistics
+
+            from .report import variant_label
+
+            pct = [100 * a for a in accs]
+            mean, std = statistics.fmean(pct), (statistics.stdev(pct) if len(pct) > 1 else 0.0)
+            print(f"  = {variant_label(job[0])}: {mean:.1f} ± {std:.1f}% over {len(accs)} seeds", flush=True)
         self.draw()
 
     def close(self) -> None:
