@@ -88,6 +88,9 @@ def test_the_lock_is_per_store_released_on_exit_and_can_time_out(tmp_path):
             with pytest.raises(UserError, match="another sampler still holds"):
                 with a2.sampling_lock("teacher teacher m", timeout_s=0.0, poll_s=0.01):
                     pass
-            assert "teacher teacher m" in a.lock_path.read_text()
+            assert "teacher teacher m" in a.lock_path("teacher teacher m").read_text()
+            # other traces of the same store (another worker's refresh, another teacher): not blocked
+            with a2.sampling_lock("student epoch:1 s variant-b", timeout_s=0.0):
+                pass
         with a2.sampling_lock("teacher teacher m", timeout_s=0.0):  # released
             pass

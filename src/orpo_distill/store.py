@@ -6,8 +6,9 @@ sample index. Writing is `INSERT OR IGNORE` on that key inside one transaction p
 either wholly on disk or absent after a crash (`kill -9` included), re-running the same command samples only the
 keys the store lacks, and a second identical run makes zero teacher calls. A `runs` table records each sampling
 call's usage, errors and cost, so `stats()` can report tokens and money spent. `sampling_lock` is an advisory file
-lock (`<store>.lock`) that samplers hold while they look up, sample and write, so that two processes never pay for
-the same traces. Provenance fields (model id, revision, checkpoint) are stored with any credentials redacted.
+lock per sampling identity (`<store>.locks/<hash>.lock`) that samplers hold while they look up, sample and write,
+so that two processes never pay for the same traces while samplers of different traces (parallel workers'
+refreshes) never wait for each other. Provenance fields (model id, revision, checkpoint) are stored with any credentials redacted.
 Export to JSONL and to a `datasets.Dataset`.
 """
 
@@ -200,14 +201,17 @@ class TraceStore:
         self.close()
 
     # -- the samplers' lock -------------------------------------------------------------------------------------
-    @property
-    def lock_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".lock")
+    def lock_path(self, what: str) -> Path:
+        """The lock file of one sampling identity `what`: traces of different identities have different keys, so
+        their samplers need not exclude each other. The files stay (a few bytes each): deleting a lock file that
+        another process has opened would let two holders in."""
+        name = hashlib.sha256(what.encode("utf-8")).hexdigest()[:20]
+        return self.path.with_name(self.path.name + ".locks") / f"{name}.lock"
 
     @contextmanager
     def sampling_lock(self, what: str, *, timeout_s: float | None = None,
                       poll_s: float = 0.2) -> Iterator[None]:
-        """Hold the store's advisory lock (`fcntl.flock` on `<store>.lock`) while sampling `what`.
+        """Hold the advisory lock of sampling identity `what` (`fcntl.flock` on `lock_path(what)`) while sampling.
 
         A second sampler (another process, or another connection in this one) waits, saying once on stderr who
         holds the lock, until it is released; with `timeout_s` it gives up with a `UserError` instead. The lock
@@ -219,8 +223,9 @@ class TraceStore:
         except ImportError:  # pragma: no cover - Windows
             yield
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        lock_path = self.lock_path(what)
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             t0 = time.monotonic()
             told = False
@@ -235,7 +240,7 @@ class TraceStore:
                               f"(then only what it did not sample is sampled here)", file=sys.stderr, flush=True)
                         told = True
                     if timeout_s is not None and time.monotonic() - t0 > timeout_s:
-                        raise UserError(f"{self.path}: another sampler still holds {self.lock_path} after "
+                        raise UserError(f"{self.path}: another sampler still holds {lock_path} after "
                                         f"{timeout_s:g} s; wait for it to finish, then run again") from None
                     time.sleep(poll_s)
             os.ftruncate(fd, 0)

@@ -12,9 +12,10 @@ server answers 400 to each), the call still samples everything it can, then rais
 and for a partial failure unless the caller passed `allow_failed_prompts=True` (config `sampling.
 allow_failed_prompts` when the config has that key), in which case the report's `failed_prompts` says how many.
 
-One sampler at a time per store: `sample_to_store` holds the store's advisory lock (`<store>.lock`, see
-`TraceStore.sampling_lock`) from the look-up of missing keys to the last write, so two processes sampling the same
-traces cannot both pay for them; the second one waits, with a message, then finds them in the store. Every call
+One sampler at a time per set of traces: `sample_to_store` holds the advisory lock of its sampling identity (role,
+source, model id and revision; see `TraceStore.sampling_lock`) from the look-up of missing keys to the last write,
+so two processes sampling the same traces cannot both pay for them (the second one waits, with a message, then
+finds them in the store), while samplers of different traces, such as parallel workers' refreshes, run at once. Every call
 that asked the backend for anything is recorded in the store's `runs` table (tokens, seconds, cost, status).
 `make_generator` builds a backend from a `ModelConfig`; `run_traces` is what the `orpo-distill traces
 teacher|student` commands call.
@@ -125,9 +126,9 @@ def sample_to_store(generator: Generator, task, questions: Sequence, params: Sam
     if not (source in ("teacher", "initial") or (source.startswith("epoch:") and source[6:].isdigit())):
         raise ValueError(f"source must be 'teacher', 'initial' or 'epoch:E', got {source!r}")
     model_id = generator.model_id
-    # The lock spans look-up, sampling and writing: a second sampler of the same store waits here, then finds
+    # The lock spans look-up, sampling and writing: a second sampler of the same traces waits here, then finds
     # what the first one wrote instead of paying for it again.
-    with store.sampling_lock(f"{role} {source} {model_id}"):
+    with store.sampling_lock(f"{role} {source} {model_id} {generator.revision}"):
         return _sample_locked(generator, task, questions, params, store, role=role, source=source,
                               checkpoint=checkpoint, rouge_threshold=rouge_threshold, progress=progress, desc=desc,
                               chunk_prompts=chunk_prompts, allow_failed_prompts=allow_failed_prompts)
