@@ -20,6 +20,7 @@ from orpo_distill.sampling.base import GenerationFailed, SamplingParams, sample_
 from orpo_distill.sampling.openai_api import OpenAIGenerator, _Bucket
 from orpo_distill.sampling.stage import SamplingAborted, SamplingIncomplete, make_generator, sample_to_store
 from orpo_distill.store import TraceStore
+from orpo_distill.tasks.prompts import render_prompt
 
 pytest.importorskip("openai")
 
@@ -185,6 +186,18 @@ def test_completions_endpoint_uses_the_plain_template(tmp_path):
     assert len(res[0]) == 2 and all("plus" not in c.text for c in res[0])
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         client("http://x/v1", endpoint="completions", template="chat")
+
+
+def test_completions_endpoint_sends_the_system_prompt_before_the_question():
+    # A base model served behind /v1/completions gets its instructions / worked examples as the in-process
+    # backend renders them (render_prompt, plain template), not silently dropped.
+    shots = "Question: What is 1 + 1?\nAnswer:\n2\n"
+    with FakeOpenAIServer() as srv:
+        client(srv.base_url, endpoint="completions", system_prompt=shots).generate(
+            ["What is 2 + 3?"], SamplingParams(n=1, max_new_tokens=4))
+        body = srv.stats.bodies[0]
+    assert body["prompt"] == render_prompt(None, "What is 2 + 3?", "plain", shots)
+    assert body["prompt"] == shots + "\nQuestion: What is 2 + 3?\nAnswer:\n"
 
 
 def test_a_prompt_that_cannot_succeed_keeps_the_others_and_is_reported(tmp_path):

@@ -82,7 +82,9 @@ class ModelConfig(_Section):
     backend: Literal["hf", "openai", "vllm"] = Field("hf", description="how it generates text")
     template: Literal["auto", "chat", "plain"] = Field(
         "auto", description="prompt format: the model's own chat template, or a plain one for base models")
-    system_prompt: str | None = Field(None, description="optional system message for chat templates")
+    system_prompt: str | None = Field(None, description=(
+        "optional system message (chat templates); with the plain template, text written before the question "
+        "(instructions, few-shot examples)"))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype for sampling; auto: bf16 on a GPU that has it, else float32")
     device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:1`, ...")

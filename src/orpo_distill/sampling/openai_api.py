@@ -34,7 +34,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..secrets import check_env_var_name, check_url, redact_text
-from ..tasks.prompts import PLAIN_TEMPLATE, chat_messages, render_prompt
+from ..tasks.prompts import chat_messages, render_prompt
 from .base import Completion, GenerationFailed, SamplingParams, resolve_sample_indices, sample_seed
 
 log = logging.getLogger(__name__)
@@ -302,8 +302,8 @@ class OpenAIGenerator:
             args["messages"] = chat_messages(message, self.system_prompt)
         elif self.tokenizer is not None:
             args["prompt"] = render_prompt(self.tokenizer, message, self.template, self.system_prompt)
-        else:
-            args["prompt"] = PLAIN_TEMPLATE.format(message=message)
+        else:  # plain template: the system prompt (instructions, few-shot examples) goes before the question
+            args["prompt"] = render_prompt(None, message, "plain", self.system_prompt)
         return args
 
     def _record_error(self, kind: str) -> None:
