@@ -375,8 +375,8 @@ def test_plots_explain_themselves(tmp_path):
     (student / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2,
                                                      "hidden_size": 128}))
     assert model_title(str(student)) == "student (llama, 2 x 128)"
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(student / "model.safetensors"))
     assert model_title(str(student)) == "student (llama, 2 x 128, 0.00M params)"

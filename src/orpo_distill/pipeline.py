@@ -182,7 +182,6 @@ def _cuda_available() -> bool:
 def _job_worker(cfg: Config, variant: str, seed: int, threads: int) -> tuple[str, Any]:
     """One variant x seed in a worker process: ("ok", [result]) or ("diverged", message)."""
     import torch
-
     from transformers.utils import logging as hf_logging
 
     from .train import run_train
@@ -725,9 +724,9 @@ def demo_config(out: str | os.PathLike[str], *, quick: bool = False, overrides: 
 def run_demo(out: str | os.PathLike[str], *, quick: bool = False, overrides: Sequence[str] = (),
              progress: bool = True) -> dict[str, Any]:
     """`orpo-distill demo`: the whole pipeline on the synthetic task with the shipped tiny teacher and student."""
-    from .report import render_results_md
-
     from transformers.utils import logging as hf_logging
+
+    from .report import render_results_md
 
     cfg = demo_config(out, quick=quick, overrides=overrides)
     hf_logging.disable_progress_bar()  # no "Loading weights" bars between the demo's own progress lines
