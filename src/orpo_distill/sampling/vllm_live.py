@@ -471,13 +471,15 @@ class LiveStudent:
                  memory_fraction: float = DEFAULT_MEMORY_FRACTION, adapter_dir: str | os.PathLike[str] | None = None,
                  python: str | os.PathLike[str] | None = None, in_process: bool | None = None,
                  vllm_args: dict[str, Any] | None = None, threads: int | None = None) -> None:
-        if getattr(cfg, "gguf_file", None):
+        from ..models import engine_source, is_pypi
+
+        if getattr(cfg, "gguf_file", None) and not is_pypi(cfg.model):
             raise UserError("student.backend: vllm does not load `gguf_file`; use backend: hf for GGUF weights")
         if not cfg.model:
             raise UserError("no student model given: set `student.model`")
         args = dict(cfg.vllm_args)
         args.update(vllm_args or {})
-        spec = EngineSpec(model=cfg.model, revision=cfg.revision, dtype=cfg.dtype, lora_rank=lora_rank,
+        spec = EngineSpec(model=engine_source(cfg), revision=cfg.revision, dtype=cfg.dtype, lora_rank=lora_rank,
                           memory_fraction=memory_fraction, max_model_len=args.pop("max_model_len", None),
                           vllm_args=args)
         if in_process is None:
