@@ -171,7 +171,7 @@ def test_sweep_end_to_end_shares_traces_and_chooses_on_validation(tiny_run, monk
 
 
 def test_other_settings_in_a_finished_folder_are_refused_and_nothing_is_rewritten(tmp_path, capsys):
-    """Issue 18: a folder holding a finished run, run again with other settings (as `demo --quick` into the full
+    """A folder holding a finished run, run again with other settings (as `demo --quick` into the full
     demo's folder did), must not print the old run's table as the new one, nor rewrite config.yaml/results.json."""
     from orpo_distill.demo import assets_dir
 

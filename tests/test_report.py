@@ -363,7 +363,7 @@ def test_report_across_runs_never_shows_a_credential_from_a_config(tmp_path):
 
 
 def test_plots_explain_themselves(tmp_path):
-    """Issue 12: titles name the models (a local folder by name and architecture, not `assets/student`); the
+    """Titles name the models (a local folder by name and architecture, not `assets/student`); the
     accuracy band says it is std over seeds; NLL and L_OR on their own axes; the share of questions without a
     negative is its own hatched segment of the pool bar."""
     from matplotlib.figure import Figure
