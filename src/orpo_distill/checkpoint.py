@@ -123,7 +123,8 @@ def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor
 
 # ---------------------------------------------------------------------------------------------------- save / load
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes a rename inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -153,13 +154,13 @@ def save_checkpoint(root: str | os.PathLike[str], name: str, *, model: torch.nn.
     full["rng"] = rng_state()
     (tmp / "state.json").write_text(strict_json(full, ensure_ascii=False), encoding="utf-8")
     for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+        fsync_path(f)
+    fsync_path(tmp)
     final = root / name
     if final.exists():  # the same position saved again after a resume: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):  # left behind by a killed save

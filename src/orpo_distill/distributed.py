@@ -278,30 +278,22 @@ def load_sharded(path: str | os.PathLike[str], module: nn.Module,
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish_checkpoint(tmp: str | os.PathLike[str], final: str | os.PathLike[str], keep: int = 1) -> Path:
     """Make a checkpoint folder that every rank wrote into (`tmp`, complete: call after a barrier) visible with
     one rename (rank 0 only): every file and folder fsynced, then `tmp` -> `final`; afterwards the older
     `ckpt-*` folders beyond `keep` and the temporary folders of killed saves go. A kill -9 before the rename
     leaves only a temporary folder, which readers (`checkpoint.list_checkpoints`) ignore."""
-    from .checkpoint import list_checkpoints
+    from .checkpoint import fsync_path, list_checkpoints
 
     tmp, final = Path(tmp), Path(final)
     for dirpath, _, files in os.walk(tmp, topdown=False):
         for f in files:
-            _fsync(Path(dirpath) / f)
-        _fsync(Path(dirpath))
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
     if final.exists():  # the same position saved again after a resume: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     for old in list_checkpoints(final.parent)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in final.parent.glob(".tmp-*"):
