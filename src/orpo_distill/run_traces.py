@@ -103,17 +103,10 @@ def pool_diverse(groups: Sequence[Sequence[Any]], threshold: float) -> list[Any]
     """The pooled ROUGE-L filter over one question's traces, `groups` in priority order (a teacher's traces in
     sample-index order per group): greedy, a trace is kept unless its ROUGE-L F1 with an already kept one exceeds
     `threshold`. Deterministic for a fixed order; earlier groups are never changed by later ones."""
-    from .sampling.diversity import rouge_l_f1_tokens, rouge_tokens
+    from .sampling.diversity import diversity_keep
 
-    kept: list[Any] = []
-    kept_tokens: list[list[str]] = []
-    for group in groups:
-        for t in group:
-            toks = rouge_tokens(t.completion)
-            if all(rouge_l_f1_tokens(toks, k) <= threshold for k in kept_tokens):
-                kept.append(t)
-                kept_tokens.append(toks)
-    return kept
+    flat = [t for group in groups for t in group]
+    return [t for t, keep in zip(flat, diversity_keep([t.completion for t in flat], threshold)) if keep]
 
 
 def pooled_chosen(store: Any, cfg: Any, question_ids: Iterable[str] | None = None) -> dict[str, list[Any]]:
