@@ -994,13 +994,22 @@ class DistillRecipe:
             self.save_checkpoint(epoch_end=True)
         return self._finish()
 
+    def _phi_record(self, history: list[dict[str, Any]]) -> float | list[float | None] | None:
+        spec, policy = self.spec, self.cfg.policy
+        if spec.negatives != "student":
+            return None
+        if spec.phi is not None or (spec.schedule or policy.schedule) == "constant":
+            return spec.phi if spec.phi is not None else policy.phi
+        return [(r.get("pool") or {}).get("phi") for r in history]
+
     def _finish(self) -> dict[str, Any]:
         """The final student in HF format and result.json (rank 0), then the checkpoints go."""
         cfg, spec, tc = self.cfg, self.spec, self.cfg.trainer
         history = self.state["history"]
         result: dict[str, Any] = {
             "variant": self.variant, "seed": self.seed, **self.fp,
-            "phi": (spec.phi if spec.phi is not None else cfg.policy.phi) if spec.negatives == "student" else None,
+            # a constant phi, or (linear / adaptive schedules) the phi each epoch used
+            "phi": self._phi_record(history),
             "phi_schedule": ((spec.schedule or cfg.policy.schedule) if spec.phi is None else "constant")
             if spec.negatives == "student" else None,
             "lam": cfg.objective.lam if spec.objective == "orpo" else None,
