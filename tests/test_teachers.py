@@ -77,6 +77,17 @@ def test_teacher_list_parses_with_own_k_and_params_and_round_trips(tmp_path):
     assert config_hash(config_from_dict(data)) == config_hash(cfg)
 
 
+def test_model_card_names_each_teachers_k_and_temperature():
+    from orpo_distill.export import model_card
+
+    cfg = config_from_dict({"teacher": [{"model": "org/a", "k": 2, "temperature": 0.5}, {"model": "b", "name": "B"}],
+                            "sampling": {"k": 4, "temperature": 0.8}})
+    card = model_card(cfg, "orpo_mixed", 0, {})
+    assert "org/a: k=2 at T=0.5; B: k=4 at T=0.8" in card and "`org/a + B`" in card
+    one = model_card(config_from_dict({"teacher": {"model": "org/a"}, "sampling": {"k": 3}}), "sft_diverse", 0, {})
+    assert "| teacher traces | k=3 at T=" in one
+
+
 def test_overrides_index_the_teacher_list():
     from orpo_distill.config import apply_overrides
 

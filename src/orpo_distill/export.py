@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import Config, is_multi_teacher, teachers_of
 
 
 def save_hf_model(model: Any, tokenizer: Any, path: str | os.PathLike[str], *, merge_lora: bool = True,
@@ -52,6 +52,11 @@ def model_card(cfg: Config, variant: str, seed: int, result: dict[str, Any]) -> 
     spec = variant_spec(variant)
     phi = spec.phi if spec.phi is not None else cfg.policy.phi
     lora = f"LoRA r={cfg.trainer.lora.r}" if cfg.trainer.lora.enabled else "full fine-tuning"
+    sc = cfg.sampling  # each teacher's own K and temperature (a list's entries may set them), else sampling's
+    teacher_sampling = "; ".join(
+        (f"{t.label}: " if is_multi_teacher(cfg) else "")
+        + f"k={t.k or sc.k} at T={sc.temperature if t.temperature is None else t.temperature}"
+        for t in teachers_of(cfg))
     lines = [
         "---", "library_name: transformers", "tags: [orpo-distill, distillation, orpo]", "---", "",
         f"# {cfg.student.model} distilled with ORPO-Distill ({variant}, seed {seed})", "",
@@ -66,8 +71,7 @@ def model_card(cfg: Config, variant: str, seed: int, result: dict[str, Any]) -> 
                                    if spec.phi is None and cfg.policy.schedule != "constant" else "")
         + f", teacher fallback {cfg.policy.teacher_negatives_fallback} |",
         f"| lambda | {cfg.objective.lam} (NLL over {cfg.objective.nll_scope}) |",
-        f"| teacher traces | k={cfg.sampling.k} at T={cfg.sampling.temperature}, "
-        f"ROUGE-L < {cfg.sampling.rouge_threshold} |",
+        f"| teacher traces | {teacher_sampling}, ROUGE-L < {cfg.sampling.rouge_threshold} |",
         f"| training | {cfg.trainer.epochs} epochs, lr {cfg.trainer.lr}, global batch {cfg.trainer.batch_size} "
         f"(accum {cfg.trainer.grad_accum}), {lora} |",
         f"| pairing | {cfg.pairs.strategy}, max length {cfg.pairs.max_length} |", "",
