@@ -44,7 +44,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def base_config(tmp: Path) -> dict[str, Any]:
     """A tiny real run: the synthetic task, the shipped tiny teacher and student on the CPU."""
     return {
-        "run": {"out_dir": str(tmp / "run"), "seeds": 1, "variants": ["sft_single", "orpo_mixed"]},
+        "run": {"out_dir": str(tmp / "run"), "seeds": 1, "variants": ["sft_single", "orpo_mixed"],
+                "workers": 1},  # in-process: several cases replace stages with monkeypatched fakes
         "task": {"name": "synthetic", "synthetic": {"n_train": 4, "n_validation": 2, "n_test": 2}},
         "teacher": {"model": str(assets_dir() / "teacher"), "template": "plain", "device": "cpu",
                     "batch_size": 4},

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,24 +72,108 @@ def test_parallel_workers_equal_sequential(tmp_path):
     assert par["refresh"] == seq["refresh"]
 
 
-def test_worker_count_rules():
+def test_worker_count_rules(monkeypatch):
+    from orpo_distill import pipeline
+
     cfg = config_from_dict({"run": {"workers": 4}})
     assert effective_workers(cfg, 1, 10) == 4
     assert effective_workers(cfg, 1, 3) == 3  # never more than the jobs
     assert effective_workers(cfg, 2, 10) == 1  # torchrun / accelerate launch: the ranks share each job
-    assert effective_workers(config_from_dict({"run": {}}), 1, 10) == 1  # `run` default
     vllm = config_from_dict({"run": {"workers": 4}, "student": {"backend": "vllm"}})
     assert effective_workers(vllm, 1, 10) == 1
+    # unset: one per core for a CPU student, as many as the free memory holds, 1 for a GPU student
+    monkeypatch.setattr(pipeline, "cpu_workers", lambda c: 1 if str(c.student.device).startswith("cuda") else 8)
+    monkeypatch.setattr("orpo_distill.models.count_parameters", lambda m: 100_000_000)  # 1.6 GB + 1 GiB each
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 64 << 30)
+    cpu = config_from_dict({"student": {"device": "cpu"}})
+    assert effective_workers(cpu, 1, 10) == 8
+    assert effective_workers(cpu, 1, 5) == 5
+    assert effective_workers(cpu, 1, 1) == 1
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 8 << 30)
+    assert effective_workers(cpu, 1, 10) == 3  # 8 GiB / 2.6 GB
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 1 << 30)
+    assert effective_workers(cpu, 1, 10) == 1  # never fewer than one
+    monkeypatch.setattr(pipeline, "available_memory", lambda: None)  # unknown: cores only
+    assert effective_workers(cpu, 1, 10) == 8
+    assert effective_workers(config_from_dict({"student": {"device": "cuda"}}), 1, 10) == 1
 
 
-def test_demo_defaults_to_one_worker_per_core_and_cli_sets_it(tmp_path, capsys):
-    from orpo_distill.pipeline import cpu_workers, demo_config
+def test_auto_workers_reads_the_student_and_memory():
+    from orpo_distill.models import count_parameters
+    from orpo_distill.pipeline import auto_workers, available_memory, cpu_workers, demo_config
 
-    cfg = demo_config(tmp_path / "d")
-    assert cfg.run.workers == cpu_workers(cfg) >= 1
+    cfg = demo_config("unused")
+    assert cfg.run.workers is None  # the demo uses `run`'s default
+    assert count_parameters(cfg.student) == 381_824  # BUILD.json's count, from the config alone
+    assert count_parameters(config_from_dict({"student": {"model": "no-org/not-in-any-cache"}}).student) is None
+    free = available_memory()
+    assert free is None or free > 0
+    assert 1 <= auto_workers(cfg) <= cpu_workers(cfg)
+
+
+def test_demo_cli_sets_workers(tmp_path, capsys):
+    from orpo_distill.pipeline import demo_config
+
     assert demo_config(tmp_path / "d", overrides=["run.workers=1"]).run.workers == 1
     assert main(["demo", "--workers", "0", "--out", str(tmp_path / "d")]) == 2
     assert "--workers" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_workers_die_with_the_run_and_it_resumes(tmp_path, sig):
+    """Killing `run` (SIGTERM or SIGKILL) ends its worker processes too: none go on training beside the run that
+    resumes it; the resumed run then finishes every job."""
+    cfg = _cfg(tmp_path / "out", 2)
+    cfg["trainer"]["epochs"] = 6
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "orpo_distill", "run", str(path), "--no-progress"]
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while len(workers) < 2:  # the resource tracker is a child too: wait for two workers
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "no workers started"
+            workers = [p for p in _children(proc.pid)
+                       if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+            time.sleep(0.2)
+        time.sleep(3)  # the workers are training
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in workers):
+            assert time.monotonic() < deadline, "workers outlived the run"
+            time.sleep(0.2)
+    finally:
+        for p in [proc.pid] + workers:  # a failure here must not leave processes training
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+    assert main(["run", str(path), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {v: len(e["seeds"]) for v, e in res["variants"].items()} == {"sft_single": 2, "orpo_on": 2}
 
 
 def test_progress_line_eta_counts_jobs_in_flight(capsys):

@@ -362,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a grid, e.g. --sweep objective.lam=0.1,1 policy.phi=0,0.5,1: one run per cell (traces "
                         "shared), the best cell chosen on validation accuracy, summary in OUT/sweep.md")
     p.add_argument("--workers", type=_positive, default=None, metavar="N",
-                   help="train the variant x seed jobs in N processes side by side (sets run.workers; default 1; "
-                        "same results as one after another)")
+                   help="train the variant x seed jobs in N processes side by side (sets run.workers; default: "
+                        "one per CPU core that memory allows, 1 for a GPU student; same results as one after "
+                        "another)")
     _add_progress_arg(p)
     p.set_defaults(func=cmd_run)
 

@@ -315,10 +315,12 @@ class RunConfig(_Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads for `run`/`demo` (default: torch's "
                                                          "choice; 1 is faster on a busy small CPU)")
     workers: int | None = Field(None, ge=1, description="processes that train the variant x seed jobs side by "
-                                "side, sharing the trace store; each uses run.threads torch threads (default 1); "
-                                "results equal a sequential run's (default: 1 for `run`, one per CPU core for "
-                                "`demo`). Ignored under torchrun / accelerate launch (the ranks already share "
-                                "each job), with student.backend vllm, and for a GPU student unless set")
+                                "side, sharing the trace store; results equal a sequential run's with the same "
+                                "run.threads. Default: one per CPU core for a CPU student, as many as the free "
+                                "memory holds (~16 bytes a parameter + 1 GiB each), 1 for a GPU student. Each "
+                                "worker uses run.threads torch threads (default: the cores shared out, 1 each "
+                                "with one worker per core). Ignored under torchrun / accelerate launch (the "
+                                "ranks already share each job) and with student.backend vllm")
     variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS), min_length=1,
                                     description="rows of the results table to train and evaluate (at least one)")
 

@@ -190,6 +190,21 @@ def load_model(cfg: ModelConfig, path: str | None = None, device: torch.device |
     return model.to(device).eval()
 
 
+def count_parameters(cfg: ModelConfig) -> int | None:
+    """The model's parameter count from its config alone (built on the meta device: no weights read, nothing
+    allocated), or None when the config cannot be read here (a hub id not in the local cache is not fetched)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        src, kwargs = _source(cfg)
+        config = AutoConfig.from_pretrained(src, local_files_only=True, **kwargs)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # an estimate only: the caller goes on without it  # noqa: BLE001
+        return None
+
+
 def _gguf_dequantized():
     """Ask transformers for a dense de-quantised model from a GGUF file. Without it, transformers keeps the
     weights packed in GGUF blocks whenever the `kernels` package is installed: such a model cannot be trained."""

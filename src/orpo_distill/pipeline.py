@@ -158,11 +158,26 @@ def run(cfg: Config, *, progress: bool = True, validate: bool = False, checked: 
 
 
 def effective_workers(cfg: Config, world: int, n_jobs: int) -> int:
-    """How many worker processes train the jobs: `run.workers` (default 1; `demo` sets one per core), never more
-    than the jobs, and 1 under a launcher (the ranks share every job) or with a vLLM student (its engine)."""
-    if world > 1 or cfg.student.backend == "vllm" or n_jobs <= 1 or not cfg.run.workers:
+    """How many worker processes train the jobs: `run.workers`, or when unset `auto_workers` (one per CPU core
+    that memory allows); never more than the jobs, and 1 under a launcher (the ranks share every job) or with a
+    vLLM student (its engine)."""
+    if world > 1 or cfg.student.backend == "vllm" or n_jobs <= 1:
         return 1
-    return max(1, min(cfg.run.workers, n_jobs))
+    return max(1, min(cfg.run.workers or auto_workers(cfg), n_jobs))
+
+
+def auto_workers(cfg: Config) -> int:
+    """`run.workers` unset: one worker per CPU core for a CPU student, as many as the memory available holds
+    (each holds the student, its gradients and Adam's two moments, ~16 bytes a parameter, plus ~1 GiB for the
+    process and activations); 1 for a GPU student, whose trainers would only queue on the one device."""
+    workers = cpu_workers(cfg)
+    if workers > 1:
+        from .models import count_parameters
+
+        params, free = count_parameters(cfg.student), available_memory()
+        if params is not None and free is not None:
+            workers = max(1, min(workers, free // (16 * params + (1 << 30))))
+    return workers
 
 
 def cpu_workers(cfg: Config) -> int:
@@ -173,10 +188,38 @@ def cpu_workers(cfg: Config) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes (Linux `MemAvailable`), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _worker_init(parent: int) -> None:
+    """In each worker process: exit as soon as the run that started it is gone. A run killed with SIGTERM or
+    SIGKILL cannot stop its workers itself, and orphaned workers would go on training, and writing, beside the
+    run that resumes it. Exiting at any point is safe: every output is written atomically, as for a killed run."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(70)
+
+    if os.getppid() != parent:  # the run died while this process started
+        os._exit(70)
+    threading.Thread(target=watch, name="orpo-distill-parent-watch", daemon=True).start()
 
 
 def _job_worker(cfg: Config, variant: str, seed: int, threads: int) -> tuple[str, Any]:
@@ -209,8 +252,8 @@ def train_jobs(cfg: Config, jobs: Sequence[tuple[str, int]], *, workers: int = 1
 
     With `workers` > 1 the jobs run in that many spawned processes (one `run_train` call per job, as in
     sequence, so the results are the same): each opens the shared trace store itself (SQLite WAL, writers wait
-    for each other; the student refreshes it writes are keyed by variant and seed and sampled under the store's
-    lock). The most expensive jobs start first. A job that diverges is recorded; any other error stops the run.
+    for each other; the student refreshes it writes are keyed by variant and seed, each sampled under its own
+    identity's lock). Workers exit when the run's process is gone, however it was stopped. The most expensive jobs start first. A job that diverges is recorded; any other error stops the run.
     """
     from .train import run_train
 
@@ -238,9 +281,11 @@ def train_jobs(cfg: Config, jobs: Sequence[tuple[str, int]], *, workers: int = 1
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-        threads = cfg.run.threads or 1
+        # the cores shared out between the workers (one thread each with one worker per core)
+        threads = cfg.run.threads or max(1, cpu_workers(cfg) // workers)
         order = sorted(jobs, key=lambda j: -line.weights[j])  # longest first: the last job ends soonest
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_job_worker, cfg, v, s, threads): (v, s) for v, s in order}
             try:
                 pending = set(futures)
@@ -716,8 +761,6 @@ def demo_config(out: str | os.PathLike[str], *, quick: bool = False, overrides: 
     data.pop("quick", None)
     items = [f"{k}={json.dumps(v)}" for k, v in quick_over.items()] + [f"run.out_dir={out}", *overrides]
     cfg = config_from_dict(apply_overrides(data, items), "demo.yaml" + (" --quick" if quick else ""))
-    if cfg.run.workers is None:  # the demo's default: its variant x seed jobs side by side, one per core
-        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workers": cpu_workers(cfg)})})
     return cfg
 
 
