@@ -209,6 +209,17 @@ def test_sweep_best_is_chosen_on_validation_not_test(tmp_path):
     assert json.loads((tmp_path / "sweep.json").read_text())["chosen"] == 1
 
 
+def test_sweep_plot_labels_are_short_and_name_the_variant_only_when_it_varies():
+    from orpo_distill.report import sweep_labels
+
+    one = [{"variant": "orpo_mixed", "overrides": {"objective.lam": 1.0, "policy.phi": 0}},
+           {"variant": "orpo_mixed", "overrides": {"objective.lam": 0.1, "policy.phi": 0.5}}]
+    assert sweep_labels(one) == ["lam=1\nphi=0", "lam=0.1\nphi=0.5"]
+    two = [{"variant": "orpo_off", "overrides": {"a.x": 1, "b.x": 2}}, {"variant": "orpo_mixed", "overrides": {}}]
+    assert sweep_labels(two) == ["off-policy ORPO\na.x=1\nb.x=2", "mixed-policy ORPO"]  # same tails: full keys
+    assert sweep_labels([{"overrides": {}}]) == ["(defaults)"]
+
+
 def test_sweep_per_variant_choice():
     cells = [{"variant": "orpo_off", "overrides": {"objective.lam": 0.1}, "validation": [0.4], "test": [0.9]},
              {"variant": "orpo_off", "overrides": {"objective.lam": 1.0}, "validation": [0.5], "test": [0.1]},

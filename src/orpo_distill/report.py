@@ -1036,6 +1036,22 @@ def sweep_table(cells: Sequence[Mapping[str, Any]]) -> str:
     return _md_table(header, rows, ["---"] * n_left + ["---:"] * 3 + ["---"])
 
 
+def sweep_labels(cells: Sequence[Mapping[str, Any]], sep: str = "\n") -> list[str]:
+    """One x-axis label per cell, its overridden keys joined by `sep`: the key's last part when that is
+    unambiguous (`phi=0.5`, not `policy.phi=0.5`), and the variant first when the cells' variants differ."""
+    keys = list(dict.fromkeys(k for c in cells for k in (c.get("overrides") or {})))
+    tails = [k.rsplit(".", 1)[-1] for k in keys]
+    short = {k: t if tails.count(t) == 1 else k for k, t in zip(keys, tails)}
+    several = len({str(c.get("variant")) for c in cells}) > 1
+    labels = []
+    for c in cells:
+        lines = [f"{short[k]}={_fmt_value(v)}" for k, v in (c.get("overrides") or {}).items()]
+        if several and "variant" in c:
+            lines.insert(0, variant_label(str(c["variant"])))
+        labels.append(sep.join(lines) or "(defaults)")
+    return labels
+
+
 def write_sweep_report(out_dir: str | os.PathLike[str], cells: Sequence[Mapping[str, Any]],
                        title: str = "sweep") -> list[Path]:
     """`out_dir/sweep.md` (the sweep table), `sweep.json` (the cells and the chosen index) and a plot of
@@ -1045,11 +1061,16 @@ def write_sweep_report(out_dir: str | os.PathLike[str], cells: Sequence[Mapping[
     out_dir = Path(out_dir)
     table = sweep_table(cells)
     chosen = chosen_cells(cells)
-    labels = []
-    for c in cells:
-        ov = ", ".join(f"{k}={_fmt_value(v)}" for k, v in (c.get("overrides") or {}).items())
-        labels.append(f"{variant_label(str(c['variant']))}: {ov}" if "variant" in c else ov or "(defaults)")
-    fig = Figure(figsize=(max(6.0, 0.9 * len(cells) + 2), 4.5))
+    labels = sweep_labels(cells)
+    # a label a line per key fits under its bars up to ~14 characters a line; longer ones go on one slanted line
+    slanted = max(len(line) for label in labels for line in label.split("\n")) > 14
+    if slanted:
+        labels = sweep_labels(cells, sep=", ")
+    variants = {str(c["variant"]) for c in cells if "variant" in c}
+    if len(variants) == 1 and all("variant" in c for c in cells):  # one variant: said once, in the title (by
+        title = f"{title} of variant {variants.pop()}"  # its name: a swept phi makes orpo_mixed off- or on-policy)
+    depth = 0.065 * max(map(len, labels)) if slanted else 0.16 * max(s.count("\n") + 1 for s in labels)
+    fig = Figure(figsize=(max(6.0, 0.9 * len(cells) + 2), 4.0 + depth))
     ax = fig.add_subplot()
     for j, (split, color) in enumerate((("validation", "#2ca02c"), ("test", "#9467bd"))):
         stats = [_cell_stats(c.get(split)) for c in cells]
@@ -1059,9 +1080,12 @@ def write_sweep_report(out_dir: str | os.PathLike[str], cells: Sequence[Mapping[
     for k, i in enumerate(sorted(chosen.values())):
         ax.axvspan(i - 0.5, i + 0.5, color="gold", alpha=0.3, zorder=0,
                    label="chosen on validation" if k == 0 else None)
-    ax.set_xticks(range(len(cells)), labels, rotation=30, ha="right", fontsize=8)
+    if slanted:
+        ax.set_xticks(range(len(cells)), labels, rotation=30, ha="right", rotation_mode="anchor", fontsize=8)
+    else:
+        ax.set_xticks(range(len(cells)), labels, fontsize=8)
     ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=8, frameon=False)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.set_title(f"{title}: mean ± std over seeds", fontsize=10)
