@@ -118,6 +118,9 @@ def test_sweep_grid_and_cells(tmp_path):
     ov, c = cells[1]
     assert ov == {"objective.lam": 0.1, "policy.phi": 0.5} and c.objective.lam == 0.1 and c.policy.phi == 0.5
     assert cell_name(ov) == "objective.lam=0.1__policy.phi=0.5"
+    # a store the config names is the one every cell shares (a sweep over the traces of an earlier run)
+    named = Config.model_validate({"run": {"out_dir": str(tmp_path / "sw2"), "store": str(tmp_path / "t.sqlite")}})
+    assert {c.run.store for _, c in sweep_cells(named, grid)} == {str(tmp_path / "t.sqlite")}
     with pytest.raises(ValueError, match="section.key=v1,v2"):
         parse_sweep(["objective.lam"])
 

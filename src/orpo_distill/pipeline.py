@@ -692,7 +692,7 @@ def cell_name(overrides: dict[str, Any]) -> str:
 
 def sweep_cells(base: Config, grid: dict[str, list[Any]]) -> list[tuple[dict[str, Any], Config]]:
     """Every cell of the grid as (its overrides, its config); each cell writes under `<out>/cells/<name>` and all
-    cells share `<out>/traces.sqlite`."""
+    cells share one trace store: `run.store` when the config sets it, else `<out>/traces.sqlite`."""
     out = Path(base.run.out_dir)
     keys = list(grid)
     cells = []
@@ -700,7 +700,7 @@ def sweep_cells(base: Config, grid: dict[str, list[Any]]) -> list[tuple[dict[str
         ov = dict(zip(keys, values))
         data = apply_overrides(base.model_dump(mode="json"), [f"{k}={json.dumps(v)}" for k, v in ov.items()])
         data["run"]["out_dir"] = str(out / "cells" / cell_name(ov))
-        data["run"]["store"] = str(out / "traces.sqlite")
+        data["run"]["store"] = base.run.store or str(out / "traces.sqlite")
         try:
             cells.append((ov, config_from_dict(data, f"sweep cell {cell_name(ov)}")))
         except ConfigError as e:
