@@ -96,6 +96,10 @@ def test_worker_count_rules(monkeypatch):
     monkeypatch.setattr(pipeline, "available_memory", lambda: None)  # unknown: cores only
     assert effective_workers(cpu, 1, 10) == 8
     assert effective_workers(config_from_dict({"student": {"device": "cuda"}}), 1, 10) == 1
+    monkeypatch.undo()
+    for device in ("cuda:1", "mps"):  # any accelerator: one worker, the trainers would queue on it
+        assert pipeline.cpu_workers(config_from_dict({"student": {"device": device}})) == 1
+    assert pipeline.cpu_workers(config_from_dict({"student": {"device": "cpu"}})) >= 1
 
 
 def test_auto_workers_reads_the_student_and_memory():

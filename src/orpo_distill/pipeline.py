@@ -181,9 +181,12 @@ def auto_workers(cfg: Config) -> int:
 
 
 def cpu_workers(cfg: Config) -> int:
-    """One worker per CPU core this process may use, for a CPU student (1 on a GPU: trainers would queue on it)."""
+    """One worker per CPU core this process may use, for a CPU student (1 on any accelerator, CUDA or MPS:
+    trainers would queue on it)."""
     device = str(cfg.student.device)
-    if device.startswith("cuda") or (device == "auto" and _cuda_available()):
+    if device == "auto":
+        device = "cuda" if _cuda_available() else "cpu"
+    if device.split(":")[0] != "cpu":
         return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
