@@ -256,7 +256,8 @@ def train_jobs(cfg: Config, jobs: Sequence[tuple[str, int]], *, workers: int = 1
     With `workers` > 1 the jobs run in that many spawned processes (one `run_train` call per job, as in
     sequence, so the results are the same): each opens the shared trace store itself (SQLite WAL, writers wait
     for each other; the student refreshes it writes are keyed by variant and seed, each sampled under its own
-    identity's lock). Workers exit when the run's process is gone, however it was stopped. The most expensive jobs start first. A job that diverges is recorded; any other error stops the run.
+    identity's lock). Workers exit when the run's process is gone, however it was stopped. The most expensive
+    jobs start first. A job that diverges is recorded; any other error stops the run.
     """
     from .train import run_train
 
@@ -763,8 +764,7 @@ def demo_config(out: str | os.PathLike[str], *, quick: bool = False, overrides: 
     quick_over = ((data.pop("quick", None) or {}) if quick else {})
     data.pop("quick", None)
     items = [f"{k}={json.dumps(v)}" for k, v in quick_over.items()] + [f"run.out_dir={out}", *overrides]
-    cfg = config_from_dict(apply_overrides(data, items), "demo.yaml" + (" --quick" if quick else ""))
-    return cfg
+    return config_from_dict(apply_overrides(data, items), "demo.yaml" + (" --quick" if quick else ""))
 
 
 def run_demo(out: str | os.PathLike[str], *, quick: bool = False, overrides: Sequence[str] = (),
