@@ -47,16 +47,16 @@ def save_hf_model(model: Any, tokenizer: Any, path: str | os.PathLike[str], *, m
 
 def model_card(cfg: Config, variant: str, seed: int, result: dict[str, Any]) -> str:
     """A README.md recording teacher, data, policy, phi, lambda and the evaluation results."""
+    from .sampling.stage import teacher_params
     from .train import config_hash, variant_spec  # the variants and their identity live with the trainer
 
     spec = variant_spec(variant)
     phi = spec.phi if spec.phi is not None else cfg.policy.phi
     lora = f"LoRA r={cfg.trainer.lora.r}" if cfg.trainer.lora.enabled else "full fine-tuning"
-    sc = cfg.sampling  # each teacher's own K and temperature (a list's entries may set them), else sampling's
+    # each teacher's K and temperature as its traces were sampled (a list's entries may set their own)
     teacher_sampling = "; ".join(
-        (f"{t.label}: " if is_multi_teacher(cfg) else "")
-        + f"k={t.k or sc.k} at T={sc.temperature if t.temperature is None else t.temperature}"
-        for t in teachers_of(cfg))
+        (f"{t.label}: " if is_multi_teacher(cfg) else "") + f"k={p.n} at T={p.temperature}"
+        for t, p in ((t, teacher_params(cfg, t)) for t in teachers_of(cfg)))
     lines = [
         "---", "library_name: transformers", "tags: [orpo-distill, distillation, orpo]", "---", "",
         f"# {cfg.student.model} distilled with ORPO-Distill ({variant}, seed {seed})", "",
